@@ -1,0 +1,196 @@
+"""Datasets (each a function named in ``conf/data/*.yaml``) and the batchers that feed the training loop.
+
+Data that fits in memory comes back as a ``TensorDataset`` and is batched by indexing tensors that already
+sit on the training device; anything else goes through a DataLoader with workers and pinned memory. Both
+shuffle with a permutation derived from (seed, epoch) alone, so any epoch's order can be reproduced, and
+both can start an epoch part-way through (for resuming mid-epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+
+from runner.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    input_shape: tuple[int, ...]
+    num_classes: int | None  # None: regression
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+
+def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle order of one epoch: a function of (seed, epoch) only."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(size, generator=generator)
+
+
+def _split(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(size * val_fraction))
+    return order[n_val:], order[:n_val]
+
+
+def _tensor_splits(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int, num_classes: int | None) -> DataSplits:
+    train_idx, val_idx = _split(len(x), val_fraction, seed)
+    return DataSplits(
+        TensorDataset(x[train_idx], y[train_idx]),
+        TensorDataset(x[val_idx], y[val_idx]),
+        tuple(x.shape[1:]),
+        num_classes,
+    )
+
+
+def load_digits(seed: int, val_fraction: float = 0.2) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as 1x8x8 images in [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    return _tensor_splits(x, y, val_fraction, seed, num_classes=10)
+
+
+def load_regression(seed: int, size: int = 1000, noise: float = 0.3, val_fraction: float = 0.2) -> DataSplits:
+    """Synthetic 1-D regression: y = x + noise * N(0, 1), x uniform on [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(size, 1, generator=generator) * 2 - 1
+    y = x + noise * torch.randn(size, 1, generator=generator)
+    return _tensor_splits(x, y, val_fraction, seed, num_classes=None)
+
+
+def _torchvision_dataset(name: str, root: str, download: bool, **kwargs):
+    import torchvision
+
+    folder = Path(root).expanduser().resolve()
+    try:
+        return getattr(torchvision.datasets, name)(str(folder), train=True, download=download, **kwargs)
+    except RuntimeError as err:
+        if download:
+            raise ConfigError(f"data: could not download {name} into {folder}: {err}") from None
+        raise ConfigError(
+            f"data: {name} files not found under {folder}; put them there, point data.root at them, "
+            f"or add data.download=true to download them."
+        ) from None
+
+
+def _load_mnist_like(name: str, seed: int, root: str, download: bool, val_fraction: float, mean: float, std: float) -> DataSplits:
+    dataset = _torchvision_dataset(name, root, download)
+    x = (dataset.data.float().div(255.0).unsqueeze(1) - mean) / std
+    return _tensor_splits(x, dataset.targets.long(), val_fraction, seed, num_classes=10)
+
+
+def load_mnist(seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12) -> DataSplits:
+    """MNIST's 60,000 training images, held in memory; the validation split is taken from them by seed."""
+    return _load_mnist_like("MNIST", seed, root, download, val_fraction, 0.1307, 0.3081)
+
+
+def load_fashion_mnist(seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12) -> DataSplits:
+    """Fashion-MNIST's 60,000 training images, held in memory; the validation split is taken by seed."""
+    return _load_mnist_like("FashionMNIST", seed, root, download, val_fraction, 0.2860, 0.3530)
+
+
+def load_cifar10(seed: int, root: str = "data", download: bool = False, val_fraction: float = 0.1) -> DataSplits:
+    """CIFAR-10's 50,000 training images through a DataLoader; the validation split is taken by seed."""
+    from torchvision import transforms
+
+    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    dataset = _torchvision_dataset("CIFAR10", root, download, transform=transforms.Compose([transforms.ToTensor(), normalize]))
+    train_idx, val_idx = _split(len(dataset), val_fraction, seed)
+    return DataSplits(Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist()), (3, 32, 32), 10)
+
+
+def load_fake(seed: int, size: int = 1000, image_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, val_fraction: float = 0.2) -> DataSplits:
+    """torchvision's FakeData: random images made per item, read through a DataLoader like files would be."""
+    from torchvision import datasets, transforms
+
+    dataset = datasets.FakeData(size, tuple(image_size), num_classes, transform=transforms.ToTensor(), random_offset=seed)
+    train_idx, val_idx = _split(size, val_fraction, seed)
+    return DataSplits(Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist()), tuple(image_size), num_classes)
+
+
+class DeviceBatcher:
+    """Batches of in-memory tensors moved to the device once, cut by indexing (no per-sample collation)."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool):
+        self.x, self.y = (t.to(device) for t in dataset.tensors)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        size = len(self.x)
+        if not self.shuffle:
+            for start in range(skip_batches * self.batch_size, size, self.batch_size):
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+            return
+        order = epoch_permutation(size, self.seed, epoch).to(self.x.device)
+        for start in range(skip_batches * self.batch_size, size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.x[index], self.y[index]
+
+
+class EpochSampler(Sampler[int]):
+    """The (seed, epoch) permutation for a DataLoader, optionally starting part-way through."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_permutation(self.size, self.seed, self.epoch) if self.shuffle else torch.arange(self.size)
+        return iter(order[self.start :].tolist())
+
+
+class LoaderBatcher:
+    """Batches from a DataLoader (workers, pinned memory), moved to the device as they arrive."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int):
+        self.sampler = EpochSampler(len(dataset), seed, shuffle)
+        self.batch_size, self.device = batch_size, device
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(self.sampler.size / self.batch_size)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        self.sampler.epoch, self.sampler.start = epoch, skip_batches * self.batch_size
+        non_blocking = self.device.type == "cuda"
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+
+def make_batcher(dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int):
+    """The in-memory batcher for a TensorDataset, a DataLoader for anything else."""
+    if isinstance(dataset, TensorDataset):
+        return DeviceBatcher(dataset, batch_size, device, seed, shuffle)
+    return LoaderBatcher(dataset, batch_size, device, seed, shuffle, num_workers)

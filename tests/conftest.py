@@ -1,0 +1,78 @@
+"""Shared fixtures: the real conf/ composed with tiny CPU settings, a real SQLite MLflow store, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from runner.config import register_schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY = ["trainer.epochs=2", "trainer.device=cpu", "trainer.progress_bar=false"]
+
+register_schemas()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; still runs in CI")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One real SQLite MLflow store for the session: creating its schema costs seconds, so it is shared."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    """An experiment name of this test's own, so tests sharing the store never see each other's runs."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.nodeid)[-200:]
+
+
+@pytest.fixture
+def make_config(tracking_uri, experiment):
+    """Compose the real conf/ with overrides, shrunk to a tiny CPU run tracked in the session store."""
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[*TINY, f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *overrides],
+            )
+
+    return make
+
+
+def run_runner(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m runner args…`` as a user would start it, in ``cwd``."""
+    full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def mlflow_runs(uri: str, experiment: str):
+    """Every run of ``experiment``, read back through the real MLflow client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return client, client.search_runs([found.experiment_id], max_results=1000)
+
+
+def metric_series(client, run_id: str, key: str) -> list[float]:
+    """A metric's values ordered by step, after checking each step appears exactly once."""
+    history = client.get_metric_history(run_id, key)
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(len(steps))), f"{key} steps {sorted(steps)} are not 0..n-1 exactly once"
+    return [m.value for m in sorted(history, key=lambda m: m.step)]

@@ -19,7 +19,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.data import DataSplits
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunnerError
 from runner.schedules import check_scheduler_arguments, simulate_schedule
 
 # Arguments the runner passes itself, per group; the YAML must not set them.
@@ -117,6 +117,8 @@ def build_node(group: str, node: DictConfig, **runtime: Any) -> Any:
     try:
         return instantiate(node, _convert_="all", **runtime)
     except InstantiationException as err:
+        if isinstance(err.__cause__, RunnerError):  # already a message for the user
+            raise err.__cause__ from None
         raise ConfigError(f"{group}: {_name(target)} refused its arguments: {err.__cause__ or err}") from None
 
 

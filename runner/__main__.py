@@ -46,7 +46,8 @@ def main(cfg: DictConfig) -> float | None:
 def entry() -> None:
     main()
     if failed_jobs:
-        log.error(f"{len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}")
+        # Hydra's job logging is torn down once the sweep ends, so this goes straight to stderr.
+        print(f"error: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
         sys.exit(RunnerError.exit_code)
 
 

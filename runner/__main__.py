@@ -27,12 +27,15 @@ failed_jobs: list[str] = []
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from runner.run import RunContext, run
+    from runner.run import RunContext, Stopped, run
 
     hydra_cfg = HydraConfig.get()
     context = RunContext(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     try:
         return run(cfg, context)
+    except Stopped as err:
+        log.warning(str(err))
+        sys.exit(err.exit_code)  # in a sweep too: the scheduler is stopping the whole job
     except RunnerError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -28,6 +28,8 @@ class TrainerConfig:
     deterministic: bool = False
     progress_bar: bool = True
     num_workers: int = 0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -45,6 +47,10 @@ class RunnerConfig:
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # auto: continue the newest unfinished run of this config; never: a fresh run; or a run directory/checkpoint.
+    resume: str = "auto"
+    resume_force: bool = False  # with resume=PATH: start from a checkpoint of a different config
+    resume_search: list[str] = field(default_factory=lambda: ["outputs", "multirun"])  # where resume=auto looks
 
 
 def register_schemas() -> None:
@@ -63,6 +69,10 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.epochs must be at least 1, got {trainer.epochs}.")
     if trainer.batch_size < 1:
         raise ConfigError(f"trainer.batch_size must be at least 1, got {trainer.batch_size}.")
+    if trainer.checkpoint_every < 1:
+        raise ConfigError(f"trainer.checkpoint_every must be at least 1 (epochs), got {trainer.checkpoint_every}.")
+    if trainer.keep_checkpoints < 1:
+        raise ConfigError(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}.")
     if trainer.num_workers < 0:
         raise ConfigError(f"trainer.num_workers must be 0 or more, got {trainer.num_workers}.")
     if not DEVICE_PATTERN.match(str(trainer.device)):

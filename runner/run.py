@@ -1,4 +1,4 @@
-"""One run, top to bottom: seed, build, track, train, finish. No Hydra here: ``__main__`` passes a RunContext."""
+"""One run, top to bottom: seed, build, resume?, track, train, finish. No Hydra here: ``__main__`` passes a RunContext."""
 
 from __future__ import annotations
 
@@ -7,24 +7,43 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from runner import __version__
 from runner.build import build_everything
+from runner.checkpoint import capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
 from runner.config import check_settings
 from runner.data import make_batcher
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunnerError
+from runner.resume import (
+    RunRecord,
+    adopt_run_dir,
+    config_fingerprint,
+    describe_differences,
+    find_latest_run,
+    record_for_path,
+    split_settings,
+)
+from runner.signals import EXIT_STOPPED, StopFlag
 from runner.tracking import Tracker, flatten, git_commit
-from runner.train import EpochResult, Loop, train
+from runner.train import EpochResult, Loop, Progress, train
 
 log = logging.getLogger(__name__)
 
 
+class Stopped(RunnerError):
+    """A stop signal ended the launch after a checkpoint; the same command resumes."""
+
+    exit_code = EXIT_STOPPED
+
+
 @dataclass
 class RunContext:
-    """Where the run lives and how it was asked for (from Hydra, or made by hand in tests)."""
+    """Where this launch's Hydra put it and how it was asked for (from Hydra, or made by hand in tests)."""
 
     run_dir: Path
     overrides: list[str] = field(default_factory=list)
@@ -32,6 +51,16 @@ class RunContext:
     @property
     def run_name(self) -> str:
         return ",".join(self.overrides) or "defaults"
+
+
+@dataclass
+class Start:
+    """What this launch continues: nothing (a fresh run), or a run directory and perhaps one checkpoint file."""
+
+    record: RunRecord | None = None
+    checkpoint: Path | None = None
+    bundle: dict[str, Any] | None = None
+    forced_from: Path | None = None  # a new run started from another run's checkpoint
 
 
 def select_device(name: str) -> torch.device:
@@ -73,9 +102,75 @@ def epoch_metrics(result: EpochResult) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: DictConfig, context: RunContext) -> float:
-    """Train the configured model and return the final validation loss."""
+def decide_start(cfg: DictConfig, context: RunContext, fingerprint: str, settings: dict[str, str]) -> Start:
+    """Apply ``resume``: auto (the newest run of this config), never, or a given run directory/checkpoint."""
+    if cfg.resume == "never":
+        return Start()
+    if cfg.resume == "auto":
+        return Start(find_latest_run([Path(root) for root in cfg.resume_search], fingerprint, exclude=context.run_dir))
+    record, checkpoint = record_for_path(Path(cfg.resume))
+    if checkpoint is None:
+        newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))
+        if newest is None:
+            raise ConfigError(f"resume={cfg.resume}: none of its checkpoints can be read.")
+        checkpoint = newest[0]
+    bundle = load_checkpoint(checkpoint)
+    if record is not None and record.fingerprint == fingerprint == bundle["fingerprint"]:
+        return Start(record, checkpoint, bundle)  # the same run: continue it in its own directory
+    if bundle["fingerprint"] != fingerprint and not cfg.resume_force:
+        saved = split_settings(flatten(bundle["config"]))[0]
+        raise ConfigError(
+            f"resume={cfg.resume}: that run's config differs ({describe_differences(saved, settings)}); "
+            f"add resume_force=true to start a new run from its checkpoint anyway."
+        )
+    return Start(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state
+
+
+def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]], record: RunRecord, config: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides the rest of the run, as tensors and plain values (``weights_only`` loads it)."""
+    val_losses = [h["val_loss"] for h in history if "val_loss" in h]
+    return {
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "progress": progress.state_dict(),
+        "rng": capture_rng_state(),
+        "grad_scaler": None,
+        "history": history,
+        "best_val_loss": min(val_losses, default=None),
+        "mlflow_run_id": record.mlflow_run_id,
+        "config": config,
+        "fingerprint": record.fingerprint,
+        "torch_version": str(torch.__version__),
+        "runner_version": __version__,
+        "finished": progress.epoch >= loop.epochs,
+    }
+
+
+def restore(loop: Loop, bundle: dict[str, Any], device: torch.device) -> Progress:
+    loop.model.load_state_dict(bundle["model"])
+    loop.optimizer.load_state_dict(bundle["optimizer"])
+    loop.scheduler.load_state_dict(bundle["scheduler"])  # holds last_epoch and base LRs: no initial_lr pitfall
+    restore_rng_state(bundle["rng"])
+    return Progress.from_state_dict(bundle["progress"], device)
+
+
+def run(cfg: DictConfig, context: RunContext) -> float | None:
+    """Train the configured model, or continue it, and return the final validation loss."""
     check_settings(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    settings, operational = split_settings(flatten(config))
+    fingerprint = config_fingerprint(settings)
+    start = decide_start(cfg, context, fingerprint, settings)
+    if start.record is not None and start.record.finished and cfg.resume == "auto":
+        adopt_run_dir(context.run_dir, start.record.run_dir)
+        log.info(f"already finished: {start.record.run_dir} ran this config to the end (val_loss {start.record.final_val_loss}); "
+                 f"nothing to do. Add resume=never to train it again in a new run.")
+        return start.record.final_val_loss
+
+    record = start.record or RunRecord.new(context.run_dir, fingerprint)
+    record.run_dir.mkdir(parents=True, exist_ok=True)
+    adopt_run_dir(context.run_dir, record.run_dir)
     device = select_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     built = build_everything(cfg, device)
@@ -91,26 +186,68 @@ def run(cfg: DictConfig, context: RunContext) -> float:
         progress_bar=trainer.progress_bar,
     )
 
-    context.run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved_path = context.run_dir / "resolved_config.yaml"
-    OmegaConf.save(resolved, resolved_path)
-    tags = {"run_dir": str(context.run_dir.resolve()), "overrides": " ".join(context.overrides) or "(none)", "device": str(device)}
+    progress, history = Progress(), []
+    loaded = _load_start_checkpoint(start, record)
+    if loaded is not None:
+        path, bundle = loaded
+        progress, history = restore(loop, bundle, device), list(bundle["history"])
+        log.info(f"resuming {record.run_dir} from {path.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
+                 f"batch {progress.batch} of {len(loop.train_batches)}")
+
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name, run_id=record.mlflow_run_id)
+    record.mlflow_run_id = tracker.run_id
+    record.save()
+    if not tracker.resumed:
+        resolved_path = record.run_dir / "resolved_config.yaml"
+        OmegaConf.save(config, resolved_path)
+        tracker.log_params(settings)
+        tracker.log_artifact(resolved_path)
+    tracker.set_tags(_tags(context, record, device, operational, start))
+    for step, metrics in enumerate(history):  # epochs checkpointed but not yet logged when the last launch died
+        tracker.log_metrics(metrics, step)
+    log.info(f"training on {device} in {record.run_dir}; MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+
+    def on_epoch_end(result: EpochResult) -> None:
+        metrics = epoch_metrics(result)
+        history.append(metrics)
+        if progress.epoch % trainer.checkpoint_every == 0 or progress.epoch == loop.epochs:
+            save_checkpoint(record.run_dir, state_bundle(loop, progress, history, record, config), trainer.keep_checkpoints)
+        tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
+
+    stop = StopFlag().install()
+    try:
+        completed = train(loop, progress, on_epoch_end, stop)
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        stop.uninstall()
+    if not completed:
+        path = save_checkpoint(record.run_dir, state_bundle(loop, progress, history, record, config), trainer.keep_checkpoints)
+        tracker.finish("KILLED")
+        raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
+                      f"checkpoint {path}. Run the same command again to resume.")
+    record.finished, record.final_val_loss = True, history[-1]["val_loss"]
+    record.save()
+    tracker.finish("FINISHED")
+    return record.final_val_loss
+
+
+def _load_start_checkpoint(start: Start, record: RunRecord) -> tuple[Path, dict[str, Any]] | None:
+    if start.bundle is not None:
+        return start.checkpoint, start.bundle
+    if start.record is None:
+        return None
+    return load_newest_valid(record.run_dir)  # None: killed before its first checkpoint; start over
+
+
+def _tags(context: RunContext, record: RunRecord, device: torch.device, operational: dict[str, str], start: Start) -> dict[str, str]:
+    """Tags may change between launches (device, tracking settings); params may not."""
+    tags = {"run_dir": str(record.run_dir.resolve()), "overrides": " ".join(context.overrides) or "(none)", "device": str(device),
+            "config_fingerprint": record.fingerprint, **operational}
+    if start.forced_from is not None:
+        tags["started_from"] = str(start.forced_from)
     commit = git_commit(Path.cwd())
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name, tags)
-    log.info(f"training on {device}; MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
-    tracker.log_params(flatten(resolved))
-    tracker.log_artifact(resolved_path)
-
-    try:
-        results = train(loop, lambda result: tracker.log_metrics(epoch_metrics(result), step=result.epoch))
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except Exception:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
-    return results[-1].metrics["val_loss"]
+    return tags

@@ -42,22 +42,43 @@ def git_commit(directory: Path) -> str | None:
 
 
 class Tracker:
-    """One MLflow run of one training job."""
+    """One MLflow run of one training job, created on the first launch and re-attached by id on resume.
 
-    def __init__(self, uri: str | None, experiment: str, run_name: str, tags: dict[str, str]):
+    Each (metric, step) is logged once: on re-attach the steps MLflow already holds are read back, so epochs
+    that are trained again after a restart from an older checkpoint are not logged twice.
+    """
+
+    def __init__(self, uri: str | None, experiment: str, run_name: str, run_id: str | None = None):
         from mlflow import MlflowClient
 
         # MLflow sets its loggers to INFO on import; its schema-migration chatter is not the user's business.
         for noisy in ("alembic", "mlflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = self.client.tracking_uri
+        self.logged: dict[str, set[int]] = {}
+        self.resumed = False
         try:
-            experiment_id = self._experiment_id(experiment)
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            if run_id is not None and self._reattach(run_id):
+                self.run_id, self.resumed = run_id, True
+            else:
+                self.run_id = self.client.create_run(self._experiment_id(experiment), run_name=run_name).info.run_id
         except Exception as err:  # MLflow raises many types for a store it cannot reach
-            raise ConfigError(f"tracking.uri={self.uri!r}: cannot use the MLflow store ({type(err).__name__}: {err}).".splitlines()[0]) from None
+            message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            raise ConfigError(f"tracking.uri={self.uri!r}: cannot use the MLflow store ({message}).") from None
+
+    def _reattach(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            log.warning(f"MLflow run {run_id} is not in {self.uri}; starting a new MLflow run and logging the history again")
+            return False
+        for key in run.data.metrics:
+            self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+        self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -77,11 +98,23 @@ class Tracker:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in tags.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[start : start + 100])
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log the metrics of one step, leaving out any (key, step) MLflow already holds."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+        fresh = [Metric(key, float(value), now, step) for key, value in metrics.items() if step not in self.logged.get(key, ())]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+            for metric in fresh:
+                self.logged.setdefault(metric.key, set()).add(step)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

@@ -59,32 +59,68 @@ class Loop:
         return F.mse_loss(outputs, targets)
 
 
+@dataclass
+class Progress:
+    """Where training stands: the epoch in progress, the batches of it already done, and its running loss."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    loss_sum: torch.Tensor | None = None  # sum of loss x batch size over this epoch's done batches, on the device
+    samples: int = 0
+
+    def start_epoch(self, device: torch.device) -> None:
+        if self.loss_sum is None or self.batch == 0:
+            self.loss_sum = torch.zeros((), device=device)
+            self.samples = 0
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
+            "loss_sum": self.loss_sum.detach().cpu() if self.loss_sum is not None else None,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> Progress:
+        loss_sum = state["loss_sum"].to(device) if state["loss_sum"] is not None else None
+        return cls(state["epoch"], state["batch"], state["global_step"], loss_sum, state["samples"])
+
+
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
-def train_one_epoch(loop: Loop, epoch: int) -> float:
-    """Run every optimizer step of ``epoch``; return the mean training loss."""
+def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int], bool]) -> bool:
+    """Run the rest of ``progress.epoch``'s optimizer steps; False if a stop was asked for part-way."""
     loop.model.train()
     device = next(loop.model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    samples = 0
-    bar = tqdm(total=len(loop.train_batches), desc=f"epoch {epoch + 1}/{loop.epochs}", leave=False, dynamic_ncols=True,
-               disable=None if loop.progress_bar else True)  # None: only on a terminal, not in job logs
+    progress.start_epoch(device)
+    bar = tqdm(total=len(loop.train_batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{loop.epochs}",
+               leave=False, dynamic_ncols=True, disable=None if loop.progress_bar else True)  # None: only on a terminal
     next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
     with bar:
-        for inputs, targets in loop.train_batches.epoch(epoch):
+        for inputs, targets in loop.train_batches.epoch(progress.epoch, skip_batches=progress.batch):
             loop.optimizer.zero_grad(set_to_none=True)
             loss = loop.loss(loop.model(inputs), targets)
             loss.backward()
             loop.optimizer.step()
-            loss_sum += loss.detach() * len(targets)
-            samples += len(targets)
+            progress.loss_sum += loss.detach() * len(targets)
+            progress.samples += len(targets)
+            progress.batch += 1
+            progress.global_step += 1
             bar.update()
             if not bar.disable and time.monotonic() >= next_refresh:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{loop.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
                 next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
-    return loss_sum.item() / max(samples, 1)
+            if should_stop(progress.global_step) and progress.batch < len(loop.train_batches):
+                return False
+    return True
 
 
 @torch.no_grad()
@@ -107,17 +143,30 @@ def evaluate(loop: Loop) -> dict[str, float]:
     return metrics
 
 
-def train(loop: Loop, on_epoch_end: Callable[[EpochResult], None], start_epoch: int = 0) -> list[EpochResult]:
-    """Train from ``start_epoch`` to ``loop.epochs``; the scheduler steps once per epoch, after its steps."""
-    results = []
-    for epoch in range(start_epoch, loop.epochs):
+def train(
+    loop: Loop,
+    progress: Progress,
+    on_epoch_end: Callable[[EpochResult], None],
+    should_stop: Callable[[int], bool] = lambda step: False,
+) -> bool:
+    """Train from ``progress`` to ``loop.epochs``; True when done, False when a stop was asked for.
+
+    The scheduler steps once per epoch, after the epoch's optimizer steps, so the LR recorded for an epoch is
+    the LR of every one of its steps. A stop asked for mid-epoch returns after the current step; one asked for
+    during the last step or validation returns once the epoch is complete.
+    """
+    while progress.epoch < loop.epochs:
         started = time.perf_counter()
-        result = EpochResult(epoch, current_lrs(loop.optimizer))
-        result.metrics["train_loss"] = train_one_epoch(loop, epoch)
+        result = EpochResult(progress.epoch, current_lrs(loop.optimizer))
+        if not train_one_epoch(loop, progress, should_stop):
+            return False
+        result.metrics["train_loss"] = progress.loss_sum.item() / max(progress.samples, 1)
         loop.scheduler.step()
         result.metrics.update(evaluate(loop))
         result.seconds = time.perf_counter() - started
+        progress.finish_epoch()
         log.info(result.summary(loop.epochs))
         on_epoch_end(result)
-        results.append(result)
-    return results
+        if should_stop(progress.global_step) and progress.epoch < loop.epochs:
+            return False
+    return True

@@ -1,0 +1,152 @@
+"""Checkpoints: atomic writes of the state bundle, keep-last-K, and the newest checkpoint that loads.
+
+A write goes to a temporary file in the same folder, is flushed and fsynced, renamed into place, and the folder
+is fsynced: a kill at any instant leaves the old newest checkpoint or the new one, never a half file taken for
+whole. Loading uses ``torch.load(weights_only=True)``: the bundle holds only tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.errors import RunnerError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
+LATEST_MARKER = "LATEST"  # holds the file name of the newest checkpoint, for people and scripts
+_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
+
+# Fault injection for the resume tests: "N" sends SIGKILL to this process while the N-th checkpoint of the
+# launch is half written (its temporary file flushed, not yet renamed).
+FAULT_DURING_WRITE_ENV = "RUNNER_FAULT_DURING_CHECKPOINT"
+
+
+class CheckpointError(RunnerError):
+    """A checkpoint that cannot be used: from a newer format, or none at all where one was asked for."""
+
+
+def checkpoint_name(epoch: int, global_step: int) -> str:
+    return f"epoch-{epoch:04d}-step-{global_step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first (by epoch, then step)."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(tuple(map(int, m.groups())), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def _fsync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it into place."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+_checkpoints_this_launch = 0
+
+
+def _maybe_die_mid_write() -> None:
+    global _checkpoints_this_launch
+    _checkpoints_this_launch += 1
+    if os.environ.get(FAULT_DURING_WRITE_ENV) == str(_checkpoints_this_launch):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
+    """Write the bundle as the newest checkpoint, update the LATEST marker, and keep only the newest ``keep``."""
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / checkpoint_name(bundle["progress"]["epoch"], bundle["progress"]["global_step"])
+
+    def write(file) -> None:
+        torch.save({**bundle, "format": CHECKPOINT_FORMAT}, file)
+        _maybe_die_mid_write()
+
+    write_atomically(path, write)
+    write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp-*"):  # left by a launch killed mid-write; this run owns the folder
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint with ``weights_only=True`` onto the CPU (``load_state_dict`` moves state to the model's device).
+
+    Raises:
+        CheckpointError: when it was written by a newer runner.
+    """
+    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    if bundle.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} was written in checkpoint format {bundle['format']}, newer than this runner's "
+            f"{CHECKPOINT_FORMAT}; resume it with the runner version that wrote it ({bundle.get('runner_version')})."
+        )
+    return bundle
+
+
+def load_newest_valid(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; a truncated or corrupt one gets one warning and the previous is tried."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as err:  # truncated zip, bad pickle opcode, missing record: all mean "unusable"
+            log.warning(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying the previous one")
+    return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's CPU and every CUDA device's RNG state, as tensors and plain values."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"][: torch.cuda.device_count()]])

@@ -1,0 +1,138 @@
+"""Deciding what a launch continues: config fingerprint, run-directory discovery, finished or not.
+
+Each run directory holds ``runner.json`` (fingerprint, MLflow run id, finished or not), written atomically. A
+launch with ``resume=auto`` looks for the newest run directory with the same fingerprint under the search roots:
+an unfinished one is continued in place, a finished one is reported and not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.checkpoint import list_checkpoints, write_atomically
+from runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "runner.json"
+# Settings that do not change what is trained: a launch differing only in these still resumes the run, and
+# MLflow gets them as tags (which may change) rather than params (which may not).
+OPERATIONAL_KEYS = (
+    "tracking",
+    "resume",
+    "resume_force",
+    "resume_search",
+    "trainer.device",
+    "trainer.progress_bar",
+    "trainer.num_workers",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+)
+
+
+def _is_operational(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in OPERATIONAL_KEYS)
+
+
+def split_settings(flat: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split a flattened config into (what decides the result, operational settings)."""
+    result = {k: v for k, v in flat.items() if not _is_operational(k)}
+    return result, {k: v for k, v in flat.items() if _is_operational(k)}
+
+
+def config_fingerprint(result_settings: dict[str, str]) -> str:
+    """A short hash of everything that changes the result of training."""
+    return hashlib.sha256(json.dumps(result_settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_differences(old: dict[str, str], new: dict[str, str]) -> str:
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = "; ".join(f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys[:8])
+    return shown + (f"; and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    fingerprint: str
+    mlflow_run_id: str | None = None
+    finished: bool = False
+    final_val_loss: float | None = None
+    created: float = 0.0
+
+    def save(self) -> None:
+        data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
+        write_atomically(self.run_dir / RUN_RECORD, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunRecord | None:
+        try:
+            data = json.loads((run_dir / RUN_RECORD).read_text())
+            return cls(run_dir=run_dir, **data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @classmethod
+    def new(cls, run_dir: Path, fingerprint: str) -> RunRecord:
+        return cls(run_dir=run_dir, fingerprint=fingerprint, created=time.time())
+
+
+def find_latest_run(roots: Iterable[Path], fingerprint: str, exclude: Path) -> RunRecord | None:
+    """The most recently created run directory under ``roots`` with this fingerprint, finished or not."""
+    candidates = []
+    for root in roots:
+        if root.is_dir():
+            for record_path in root.rglob(RUN_RECORD):
+                if record_path.parent.resolve() == exclude.resolve():
+                    continue
+                record = RunRecord.load(record_path.parent)
+                if record is not None and record.fingerprint == fingerprint:
+                    candidates.append(record)
+    return max(candidates, key=lambda r: r.created, default=None)
+
+
+def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:
+    """``resume=PATH``: the run directory's record and the checkpoint to start from (a file, or the newest)."""
+    path = path.expanduser()
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return RunRecord.load(run_dir), path
+    if not path.is_dir():
+        raise ConfigError(f"resume={path}: no such run directory or checkpoint file.")
+    if not list_checkpoints(path):
+        raise ConfigError(f"resume={path}: that run directory has no checkpoint to resume from (no {path}/checkpoints/*.pt).")
+    return RunRecord.load(path), None
+
+
+def adopt_run_dir(launch_dir: Path, run_dir: Path) -> None:
+    """Continue logging in ``run_dir`` instead of this launch's new, still empty Hydra directory, then remove that.
+
+    One training run stays one directory however many times it is restarted.
+    """
+    if launch_dir.resolve() == run_dir.resolve():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(launch_dir.resolve()):
+            replacement = logging.FileHandler(run_dir / Path(handler.baseFilename).name, mode="a")
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(replacement)
+    leftovers = {p.name for p in launch_dir.iterdir()} if launch_dir.is_dir() else set()
+    if leftovers <= {".hydra", "runner.log"}:  # only what Hydra made for this launch
+        shutil.rmtree(launch_dir, ignore_errors=True)
+
+
+def summary_of(record: RunRecord) -> str:
+    state: dict[str, Any] = {"finished": record.finished, "final val_loss": record.final_val_loss, "MLflow run": record.mlflow_run_id}
+    return ", ".join(f"{k} {v}" for k, v in state.items() if v is not None)

@@ -1,0 +1,279 @@
+"""Interrupted and resumed runs end exactly where uninterrupted ones do: real subprocesses, real signals.
+
+Faults land at exact points through the runner's fault-injection variables, which make the process send itself
+a real signal (SIGTERM or SIGKILL) after a given optimizer step or while a checkpoint is half written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONF, ROOT, mlflow_runs, run_runner
+from runner.checkpoint import CHECKPOINT_FORMAT, FAULT_DURING_WRITE_ENV, LATEST_MARKER, list_checkpoints
+from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
+
+SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
+OPTIMIZERS = ["sgd", "adam", "asgd"]
+EPOCHS = 4  # digits: 45 batches of 32 per epoch, so step 70 is mid-epoch 2 and step 100 mid-epoch 3
+BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
+        "optimizer.lr=0.05"]
+
+
+def pair_overrides(optimizer: str, scheduler: str) -> list[str]:
+    extra = ["optimizer.t0=50"] if optimizer == "asgd" else []  # start ASGD's averaging (ax, eta, mu) mid-run
+    return [f"optimizer={optimizer}", f"scheduler={scheduler}", *extra]
+
+
+def launch(cwd: Path, *overrides: str, fault: str | None = None, kill_in_write: int | None = None) -> subprocess.CompletedProcess:
+    env = {}
+    if fault:
+        env[FAULT_AT_STEP_ENV] = fault
+    if kill_in_write:
+        env[FAULT_DURING_WRITE_ENV] = str(kill_in_write)
+    return run_runner(*BASE, *overrides, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", cwd=cwd, env=env)
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in cwd.glob("outputs/*/*/runner.json"))
+
+
+def final_bundle(run_dir: Path) -> dict:
+    return torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
+
+
+def assert_bitwise_equal(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_result(resumed: dict, reference: dict):
+    assert resumed["finished"] and reference["finished"]
+    assert_bitwise_equal(resumed["model"], reference["model"], "model")
+    assert_bitwise_equal(resumed["optimizer"], reference["optimizer"], "optimizer")
+    assert_bitwise_equal(resumed["scheduler"], reference["scheduler"], "scheduler")
+    assert resumed["history"] == reference["history"]  # every epoch's lr, train_loss, val_loss, val_accuracy
+
+
+def assert_mlflow_history_exact(cwd: Path, reference: dict):
+    """One MLflow run; each epoch's metrics exactly once, with the uninterrupted run's values."""
+    client, runs = mlflow_runs(f"sqlite:///{cwd / 'mlflow.db'}", "runner")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert runs[0].info.status == "FINISHED"
+    for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h[key] for h in reference["history"]], key
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[tuple[str, str], dict]:
+    """Uninterrupted runs of every optimizer x scheduler pair, from one sweep."""
+    cwd = tmp_path_factory.mktemp("reference")
+    sweeps = {}
+    for optimizer in OPTIMIZERS:  # ASGD's extra override needs its own sweep
+        extra = pair_overrides(optimizer, "x")[2:]
+        result = run_runner("-m", f"optimizer={optimizer}", f"scheduler={','.join(SCHEDULERS)}", *BASE, *extra,
+                            f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"hydra.sweep.dir={cwd / optimizer}", cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for job, scheduler in enumerate(SCHEDULERS):
+            sweeps[optimizer, scheduler] = final_bundle(cwd / optimizer / str(job))
+    return sweeps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_sigterm_mid_epoch_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path, references, optimizer, scheduler):
+    overrides = pair_overrides(optimizer, scheduler)
+    stopped = launch(tmp_path, *overrides, fault="SIGTERM:70")
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM at epoch 2, batch 25" in stopped.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert final_bundle(run_dir)["progress"]["global_step"] == 70  # the checkpoint is mid-epoch
+
+    resumed = launch(tmp_path, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {run_dir.relative_to(tmp_path)} from epoch-0001-step-00000070.pt: epoch 2/4, batch 25 of 45" in resumed.stderr
+    assert run_dirs(tmp_path) == [run_dir]
+    assert_same_result(final_bundle(run_dir), references[optimizer, scheduler])
+    assert_mlflow_history_exact(tmp_path, references[optimizer, scheduler])
+
+
+@pytest.mark.slow
+def test_many_restarts_with_kill_9_and_a_kill_during_a_checkpoint_write(tmp_path, references):
+    overrides = pair_overrides("asgd", "lambda")
+    reference = references["asgd", "lambda"]
+    first = launch(tmp_path, *overrides, fault="SIGTERM:30")
+    assert first.returncode == EXIT_STOPPED
+    killed = launch(tmp_path, *overrides, fault="SIGKILL:100")  # kill -9 mid-epoch 3: no chance to checkpoint
+    assert killed.returncode == -signal.SIGKILL
+    (run_dir,) = run_dirs(tmp_path)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001-step-00000045.pt", "epoch-0002-step-00000090.pt"]
+
+    # kill -9 while the epoch-3 checkpoint is half written: the old newest must stay the newest.
+    in_write = launch(tmp_path, *overrides, kill_in_write=1)
+    assert in_write.returncode == -signal.SIGKILL
+    assert list_checkpoints(run_dir)[-1].name == "epoch-0002-step-00000090.pt"
+    assert (run_dir / "checkpoints" / LATEST_MARKER).read_text().strip() == "epoch-0002-step-00000090.pt"
+
+    last = launch(tmp_path, *overrides)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "resuming" in last.stderr and "from epoch-0002-step-00000090.pt: epoch 3/4, batch 0 of 45" in last.stderr
+    assert run_dirs(tmp_path) == [run_dir]
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # the half-written file was cleaned up
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0003-step-00000135.pt", "epoch-0004-step-00000180.pt"]
+    assert_same_result(final_bundle(run_dir), reference)
+    assert_mlflow_history_exact(tmp_path, reference)
+
+
+def test_a_corrupt_newest_checkpoint_gets_one_warning_and_the_previous_is_used(tmp_path, references):
+    overrides = pair_overrides("sgd", "step")
+    assert launch(tmp_path, *overrides, fault="SIGTERM:100").returncode == EXIT_STOPPED
+    (run_dir,) = run_dirs(tmp_path)
+    newest = list_checkpoints(run_dir)[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+
+    resumed = launch(tmp_path, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    warnings = [line for line in resumed.stderr.splitlines() if "is unreadable" in line]
+    assert len(warnings) == 1 and newest.name in warnings[0] and "trying the previous one" in warnings[0]
+    assert "from epoch-0002-step-00000090.pt: epoch 3/4, batch 0 of 45" in resumed.stderr
+    assert_same_result(final_bundle(run_dir), references["sgd", "step"])
+    assert_mlflow_history_exact(tmp_path, references["sgd", "step"])
+
+
+def test_an_external_sigint_during_training_stops_and_the_same_command_resumes(tmp_path):
+    overrides = ["trainer.epochs=60", "optimizer=adam"]
+    args = [sys.executable, "-m", "runner", *BASE, *overrides, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stderr:
+            if "epoch 3/60" in line:
+                process.send_signal(signal.SIGINT)  # Ctrl-C
+                break
+        rest = process.stderr.read()
+        assert process.wait(timeout=120) == EXIT_STOPPED, rest
+    assert "SIGINT received" in rest and "stopped by SIGINT" in rest
+    resumed = launch(tmp_path, *overrides)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr
+    reference = run_runner(*BASE, *overrides, "resume=never", f"tracking.uri=sqlite:///{tmp_path / 'ref.db'}",
+                           f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
+    assert reference.returncode == 0
+    (run_dir,) = run_dirs(tmp_path)
+    assert_same_result(final_bundle(run_dir), final_bundle(tmp_path / "reference"))
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    script = (
+        "import os, signal, time\n"
+        "from runner.signals import StopFlag\n"
+        "flag = StopFlag().install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.1)\n"
+        "assert flag(0)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('still running')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 130 and "still running" not in result.stdout
+
+
+def test_a_finished_run_is_not_trained_again_and_never_starts_a_new_one(tmp_path):
+    assert launch(tmp_path).returncode == 0
+    (run_dir,) = run_dirs(tmp_path)
+    again = launch(tmp_path)
+    assert again.returncode == 0
+    assert f"already finished: {run_dir.relative_to(tmp_path)} ran this config to the end" in again.stderr
+    assert "epoch 1/" not in again.stderr
+    assert run_dirs(tmp_path) == [run_dir] and len(list(tmp_path.glob("outputs/*/*"))) == 1  # no leftover launch dir
+    fresh = launch(tmp_path, "resume=never")
+    assert fresh.returncode == 0 and "epoch 4/4" in fresh.stderr
+    assert len(run_dirs(tmp_path)) == 2
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert len(runs) == 2
+
+
+def test_a_different_config_never_resumes_someone_elses_checkpoint(tmp_path):
+    assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
+    other = launch(tmp_path, "optimizer.lr=0.01")
+    assert other.returncode == 0 and "resuming" not in other.stderr
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_operational_settings_do_not_block_resume_and_are_recorded_as_tags(tmp_path):
+    assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
+    resumed = launch(tmp_path, "trainer.device=auto", "trainer.num_workers=1", "trainer.keep_checkpoints=3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert logged.data.tags["trainer.device"] == "auto" and logged.data.tags["trainer.num_workers"] == "1"
+    assert "trainer.device" not in logged.data.params and logged.data.params["optimizer.lr"] == "0.05"
+
+
+def test_resume_from_a_path_refuses_a_different_config_unless_forced(tmp_path):
+    assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
+    (run_dir,) = run_dirs(tmp_path)
+    refused = launch(tmp_path, f"resume={run_dir}", "optimizer.lr=0.01")
+    assert refused.returncode == 2
+    (error,) = [line for line in refused.stderr.splitlines() if "ERROR" in line]
+    assert "that run's config differs (optimizer.lr: 0.05 -> 0.01); add resume_force=true" in error
+
+    forced = launch(tmp_path, f"resume={list_checkpoints(run_dir)[-1]}", "optimizer.lr=0.01", "resume_force=true")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "epoch 2/4" in forced.stderr and "epoch 1/4" not in forced.stderr  # started from the checkpoint
+    assert len(run_dirs(tmp_path)) == 2 and final_bundle(run_dir)["progress"]["global_step"] == 70  # old run untouched
+
+    same = launch(tmp_path, f"resume={run_dir}")
+    assert same.returncode == 0 and f"resuming {run_dir}" in same.stderr
+
+
+def test_resume_from_a_path_without_checkpoints_is_one_line(tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    result = launch(tmp_path, f"resume={tmp_path / 'empty_run'}")
+    assert result.returncode == 2
+    assert "that run directory has no checkpoint to resume from" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused_in_one_line(tmp_path):
+    assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
+    (run_dir,) = run_dirs(tmp_path)
+    newest = list_checkpoints(run_dir)[-1]
+    bundle = torch.load(newest, weights_only=True)
+    torch.save({**bundle, "format": CHECKPOINT_FORMAT + 1}, newest)
+    result = launch(tmp_path)
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert f"was written in checkpoint format {CHECKPOINT_FORMAT + 1}, newer than this runner's {CHECKPOINT_FORMAT}" in error
+
+
+def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
+    assert launch(tmp_path, "trainer.keep_checkpoints=3", "trainer.checkpoint_every=1").returncode == 0
+    (run_dir,) = run_dirs(tmp_path)
+    assert [p.name for p in list_checkpoints(run_dir)] == [f"epoch-000{e}-step-{45 * e:08d}.pt" for e in (2, 3, 4)]
+    assert (run_dir / "checkpoints" / LATEST_MARKER).read_text().strip() == "epoch-0004-step-00000180.pt"
+    bundle = final_bundle(run_dir)
+    for key in ("model", "optimizer", "scheduler", "progress", "rng", "grad_scaler", "history", "best_val_loss",
+                "mlflow_run_id", "config", "fingerprint", "torch_version", "runner_version", "finished", "format"):
+        assert key in bundle, key
+    assert set(bundle["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert bundle["best_val_loss"] == min(h["val_loss"] for h in bundle["history"])
+    assert bundle["config"]["trainer"]["epochs"] == EPOCHS

@@ -59,14 +59,30 @@ def _tensor_splits(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: 
     )
 
 
-def load_digits(seed: int, val_fraction: float = 0.2) -> DataSplits:
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as 1x8x8 images in [0, 1]."""
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (1797x8x8 pixel values 0..16, labels).
+
+    Read straight from the CSV file scikit-learn ships: importing ``sklearn.datasets`` (SciPy and more) costs
+    about a second of every launch. Falls back to ``sklearn.datasets.load_digits`` if the file moves.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    return _tensor_splits(x, y, val_fraction, seed, num_classes=10)
+    return digits.images.astype(np.float32), digits.target.astype(np.int64)
+
+
+def load_digits(seed: int, val_fraction: float = 0.2) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as 1x8x8 images in [0, 1]."""
+    images, labels = digits_arrays()
+    x = torch.from_numpy(images).unsqueeze(1) / 16.0
+    return _tensor_splits(x, torch.from_numpy(labels), val_fraction, seed, num_classes=10)
 
 
 def load_regression(seed: int, size: int = 1000, noise: float = 0.3, val_fraction: float = 0.2) -> DataSplits:

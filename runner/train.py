@@ -110,7 +110,7 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int],
             loss = loop.loss(loop.model(inputs), targets)
             loss.backward()
             loop.optimizer.step()
-            progress.loss_sum += loss.detach() * len(targets)
+            progress.loss_sum.add_(loss.detach(), alpha=len(targets))  # one kernel, no host sync
             progress.samples += len(targets)
             progress.batch += 1
             progress.global_step += 1

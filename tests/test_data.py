@@ -23,6 +23,16 @@ def test_digits_split_is_fixed_by_the_seed():
     assert len(a.train) + len(a.val) == 1797 and a.input_shape == (1, 8, 8) and a.num_classes == 10
 
 
+def test_digits_are_scikit_learns_digits():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from runner.data import digits_arrays
+
+    images, labels = digits_arrays()
+    reference = sklearn_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+
+
 def test_regression_is_y_equals_x_plus_noise():
     data = load_regression(seed=0, size=2000, noise=0.3)
     x, y = data.train.tensors

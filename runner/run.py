@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import __version__
 from runner.build import build_everything
-from runner.checkpoint import capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
+from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
 from runner.config import check_settings
 from runner.data import make_batcher
 from runner.errors import ConfigError, RunnerError
@@ -147,10 +147,18 @@ def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]]
     }
 
 
-def restore(loop: Loop, bundle: dict[str, Any], device: torch.device) -> Progress:
-    loop.model.load_state_dict(bundle["model"])
-    loop.optimizer.load_state_dict(bundle["optimizer"])
-    loop.scheduler.load_state_dict(bundle["scheduler"])  # holds last_epoch and base LRs: no initial_lr pitfall
+def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device) -> Progress:
+    """Put the checkpoint's state into the built objects.
+
+    Raises:
+        CheckpointError: when the checkpoint does not fit them (a forced resume across configs).
+    """
+    try:
+        loop.model.load_state_dict(bundle["model"])
+        loop.optimizer.load_state_dict(bundle["optimizer"])
+        loop.scheduler.load_state_dict(bundle["scheduler"])  # holds last_epoch and base LRs: no initial_lr pitfall
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path} does not fit this config's model/optimizer/scheduler: {str(err).splitlines()[0]}") from None
     restore_rng_state(bundle["rng"])
     return Progress.from_state_dict(bundle["progress"], device)
 
@@ -190,7 +198,7 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     loaded = _load_start_checkpoint(start, record)
     if loaded is not None:
         path, bundle = loaded
-        progress, history = restore(loop, bundle, device), list(bundle["history"])
+        progress, history = restore(loop, path, bundle, device), list(bundle["history"])
         log.info(f"resuming {record.run_dir} from {path.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
                  f"batch {progress.batch} of {len(loop.train_batches)}")
 

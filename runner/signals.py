@@ -53,7 +53,8 @@ class StopFlag:
 
     def __call__(self, global_step: int) -> bool:
         if self._fault is not None and global_step == self._fault[1]:
-            os.kill(os.getpid(), self._fault[0])
+            signum, self._fault = self._fault[0], None  # once: the loop may ask twice at an epoch's last step
+            os.kill(os.getpid(), signum)
         return self.signal_name is not None
 
 

@@ -123,6 +123,8 @@ def test_many_restarts_with_kill_9_and_a_kill_during_a_checkpoint_write(tmp_path
     reference = references["asgd", "lambda"]
     first = launch(tmp_path, *overrides, fault="SIGTERM:30")
     assert first.returncode == EXIT_STOPPED
+    _, (stopped_run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert stopped_run.info.status == "KILLED"  # not FAILED: a scheduler stopped it and it will resume
     killed = launch(tmp_path, *overrides, fault="SIGKILL:100")  # kill -9 mid-epoch 3: no chance to checkpoint
     assert killed.returncode == -signal.SIGKILL
     (run_dir,) = run_dirs(tmp_path)
@@ -244,6 +246,15 @@ def test_resume_from_a_path_refuses_a_different_config_unless_forced(tmp_path):
 
     same = launch(tmp_path, f"resume={run_dir}")
     assert same.returncode == 0 and f"resuming {run_dir}" in same.stderr
+
+
+def test_a_forced_resume_into_a_model_it_does_not_fit_is_one_line(tmp_path):
+    assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
+    (run_dir,) = run_dirs(tmp_path)
+    result = launch(tmp_path, f"resume={run_dir}", "resume_force=true", "model.hidden_sizes=[16]")
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert "does not fit this config's model/optimizer/scheduler" in error and "Traceback" not in result.stderr
 
 
 def test_resume_from_a_path_without_checkpoints_is_one_line(tmp_path):

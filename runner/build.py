@@ -37,7 +37,6 @@ class Built:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    lr_trajectory: list[list[float]]
 
 
 def resolve_target(group: str, node: DictConfig) -> Callable[..., Any]:
@@ -137,9 +136,9 @@ def build_everything(cfg: DictConfig, device: torch.device) -> Built:
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return build_node("scheduler", cfg.scheduler, optimizer=optimizer)
 
-    trajectory = simulate_schedule(make_optimizer, make_scheduler, cfg.trainer.epochs)
+    simulate_schedule(make_optimizer, make_scheduler, cfg.trainer.epochs)  # a bad epoch fails here, not mid-run
     data: DataSplits = build_node("data", cfg.data, seed=cfg.trainer.seed)
     num_outputs = data.num_classes if data.is_classification else 1
     model = build_node("model", cfg.model, input_shape=data.input_shape, num_outputs=num_outputs).to(device)
     optimizer = make_optimizer(list(model.parameters()))
-    return Built(data, model, optimizer, make_scheduler(optimizer), trajectory)
+    return Built(data, model, optimizer, make_scheduler(optimizer))

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner.checkpoint import list_checkpoints, write_atomically
 from runner.errors import ConfigError
@@ -132,7 +131,3 @@ def adopt_run_dir(launch_dir: Path, run_dir: Path) -> None:
     if leftovers <= {".hydra", "runner.log"}:  # only what Hydra made for this launch
         shutil.rmtree(launch_dir, ignore_errors=True)
 
-
-def summary_of(record: RunRecord) -> str:
-    state: dict[str, Any] = {"finished": record.finished, "final val_loss": record.final_val_loss, "MLflow run": record.mlflow_run_id}
-    return ", ".join(f"{k} {v}" for k, v in state.items() if v is not None)

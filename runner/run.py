@@ -113,8 +113,9 @@ def decide_start(cfg: DictConfig, context: RunContext, fingerprint: str, setting
         newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))
         if newest is None:
             raise ConfigError(f"resume={cfg.resume}: none of its checkpoints can be read.")
-        checkpoint = newest[0]
-    bundle = load_checkpoint(checkpoint)
+        checkpoint, bundle = newest
+    else:
+        bundle = load_checkpoint(checkpoint)
     if record is not None and record.fingerprint == fingerprint == bundle["fingerprint"]:
         return Start(record, checkpoint, bundle)  # the same run: continue it in its own directory
     if bundle["fingerprint"] != fingerprint and not cfg.resume_force:

@@ -17,12 +17,10 @@ from omegaconf import DictConfig
 
 from runner.config import register_schemas
 from runner.errors import RunnerError
+from runner.sweep import SWEEP_ID_ENV, failed_jobs, record_failed_job
 
 log = logging.getLogger("runner")
 register_schemas()
-
-# Jobs of a multirun that stopped on a user error; the sweep goes on and the process exits non-zero.
-failed_jobs: list[str] = []
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -30,7 +28,13 @@ def main(cfg: DictConfig) -> float | None:
     from runner.run import RunContext, Stopped, run
 
     hydra_cfg = HydraConfig.get()
-    context = RunContext(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    context = RunContext(
+        Path(hydra_cfg.runtime.output_dir),
+        list(hydra_cfg.overrides.task),
+        choices={group: str(option) for group, option in hydra_cfg.runtime.choices.items() if not group.startswith("hydra/")},
+        sweep=sweep_tags(hydra_cfg) if multirun else {},
+    )
     try:
         return run(cfg, context)
     except Stopped as err:
@@ -40,10 +44,16 @@ def main(cfg: DictConfig) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error(f"error: {err}")
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            failed_jobs.append(context.run_name)
+        if multirun:
+            record_failed_job(Path(hydra_cfg.sweep.dir), context.run_name)
             return None
         sys.exit(err.exit_code)
+
+
+def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
+    """How MLflow groups the jobs of one sweep; the id is set by SweepCallback in the launching process."""
+    sweep_dir = str(Path(hydra_cfg.sweep.dir).resolve())
+    return {"sweep_id": os.environ.get(SWEEP_ID_ENV) or sweep_dir, "sweep_dir": sweep_dir, "job_num": str(hydra_cfg.job.num)}
 
 
 def entry() -> None:

@@ -29,7 +29,7 @@ from runner.resume import (
     split_settings,
 )
 from runner.signals import EXIT_STOPPED, StopFlag
-from runner.tracking import Tracker, flatten, git_commit
+from runner.tracking import Tracker, check_server, flatten, git_commit
 from runner.train import EpochResult, Loop, Progress, train
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class RunContext:
 
     run_dir: Path
     overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option, e.g. scheduler -> cosine
+    sweep: dict[str, str] = field(default_factory=dict)  # sweep_id, sweep_dir, job_num: for a job of a multirun
 
     @property
     def run_name(self) -> str:
@@ -167,6 +169,8 @@ def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device
 def run(cfg: DictConfig, context: RunContext) -> float | None:
     """Train the configured model, or continue it, and return the final validation loss."""
     check_settings(cfg)
+    if str(cfg.tracking.uri).startswith(("http://", "https://")):
+        check_server(cfg.tracking.uri)  # seconds, not minutes of MLflow's retries after the data has loaded
     config = OmegaConf.to_container(cfg, resolve=True)
     settings, operational = split_settings(flatten(config))
     fingerprint = config_fingerprint(settings)
@@ -253,7 +257,7 @@ def _load_start_checkpoint(start: Start, record: RunRecord) -> tuple[Path, dict[
 def _tags(context: RunContext, record: RunRecord, device: torch.device, operational: dict[str, str], start: Start) -> dict[str, str]:
     """Tags may change between launches (device, tracking settings); params may not."""
     tags = {"run_dir": str(record.run_dir.resolve()), "overrides": " ".join(context.overrides) or "(none)", "device": str(device),
-            "config_fingerprint": record.fingerprint, **operational}
+            "config_fingerprint": record.fingerprint, **context.choices, **context.sweep, **operational}
     if start.forced_from is not None:
         tags["started_from"] = str(start.forced_from)
     commit = git_commit(Path.cwd())

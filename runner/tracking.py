@@ -10,6 +10,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,76 @@ def git_commit(directory: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in one line, at once, when nothing answers at an http(s) tracking URI.
+
+    MLflow's client retries a refused connection with back-off for minutes; users should hear before training.
+    Any HTTP answer counts as reachable: a proxy's 404 or an auth server's 401 is for MLflow to report.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"tracking.uri={uri!r}: no MLflow server answers there ({reason}); start one "
+            f"(mlflow server --host 127.0.0.1 --port 5000) or fix tracking.uri."
+        ) from None
+
+
+@contextmanager
+def _store_errors(uri: str | None):
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as err:  # MLflow raises many types for a store it cannot use
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        raise ConfigError(f"tracking.uri={uri!r}: cannot use the MLflow store ({message}).") from None
+
+
+def open_client(uri: str | None):
+    """An MlflowClient for ``uri`` (None: MLflow's default), after checking a server answers there.
+
+    Raises:
+        ConfigError: nothing answers at an http(s) URI.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    # MLflow sets its loggers to INFO on import; its schema-migration chatter is not the user's business.
+    for noisy in ("alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    with _store_errors(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+def open_experiment(uri: str | None, name: str):
+    """An MlflowClient for ``uri`` and the id of experiment ``name``, created if it does not exist yet.
+
+    Raises:
+        ConfigError: the store cannot be reached or used, in one line naming the URI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = open_client(uri)
+    with _store_errors(client.tracking_uri):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        try:
+            return client, client.create_experiment(name)
+        except MlflowException:  # another job created it first
+            return client, client.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     """One MLflow run of one training job, created on the first launch and re-attached by id on resume.
 
@@ -49,23 +120,15 @@ class Tracker:
     """
 
     def __init__(self, uri: str | None, experiment: str, run_name: str, run_id: str | None = None):
-        from mlflow import MlflowClient
-
-        # MLflow sets its loggers to INFO on import; its schema-migration chatter is not the user's business.
-        for noisy in ("alembic", "mlflow"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client, experiment_id = open_experiment(uri, experiment)
         self.uri = self.client.tracking_uri
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
-        try:
+        with _store_errors(self.uri):
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                self.run_id = self.client.create_run(self._experiment_id(experiment), run_name=run_name).info.run_id
-        except Exception as err:  # MLflow raises many types for a store it cannot reach
-            message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            raise ConfigError(f"tracking.uri={self.uri!r}: cannot use the MLflow store ({message}).") from None
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def _reattach(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -80,30 +143,20 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return True
 
-    def _experiment_id(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # another job created it first
-            return self.client.get_experiment_by_name(name).experiment_id
-
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, value) for key, value in params.items()]
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self._log_in_batches(params=[Param(key, value) for key, value in params.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in tags.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[start : start + 100])
+        self._log_in_batches(tags=[RunTag(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in tags.items()])
+
+    def _log_in_batches(self, **items: list) -> None:
+        for kind, values in items.items():
+            for start in range(0, len(values), 100):  # MLflow takes at most 100 params or tags per batch
+                self.client.log_batch(self.run_id, **{kind: values[start : start + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the metrics of one step, leaving out any (key, step) MLflow already holds."""

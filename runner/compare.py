@@ -1,0 +1,226 @@
+"""``python -m runner.compare``: read runs back from MLflow, overlay their curves, rank them.
+
+    python -m runner.compare                      # every run of experiment "runner"
+    python -m runner.compare my-experiment
+    python -m runner.compare --sweep 80dd6d9cb31c # the jobs of one sweep (tag sweep_id), in any experiment
+    python -m runner.compare --runs ID ID ...
+
+Writes PREFIX.png (LR, val_loss and val_accuracy per epoch, one line per run, labelled by the overrides that set
+it apart), PREFIX.csv and PREFIX.md (the ranking), and prints the ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.errors import ConfigError, RunnerError
+
+CURVES = (("lr", "learning rate"), ("val_loss", "validation loss"), ("val_accuracy", "validation accuracy"))
+SORT_KEYS = ("final_val_loss", "best_val_loss", "final_val_accuracy", "best_val_accuracy")
+
+
+@dataclass
+class RunCurves:
+    """One MLflow run as the comparison needs it."""
+
+    run_id: str
+    name: str
+    overrides: list[str]
+    scheduler: str
+    optimizer: str
+    status: str
+    curves: dict[str, list[float]] = field(default_factory=dict)  # metric -> value per epoch
+    label: str = ""
+
+    def final(self, key: str) -> float:
+        values = self.curves.get(key)
+        return values[-1] if values else math.nan
+
+    def best(self, key: str) -> float:
+        values = [v for v in self.curves.get(key, []) if not math.isnan(v)]
+        if not values:
+            return math.nan
+        return max(values) if key.endswith("accuracy") else min(values)
+
+    def best_epoch(self, key: str) -> int | None:
+        values = self.curves.get(key, [])
+        best = self.best(key)
+        return values.index(best) + 1 if values and not math.isnan(best) else None
+
+    def row(self) -> dict[str, object]:
+        return {
+            "run": self.label,
+            "scheduler": self.scheduler,
+            "optimizer": self.optimizer,
+            "final_val_loss": self.final("val_loss"),
+            "best_val_loss": self.best("val_loss"),
+            "best_epoch": self.best_epoch("val_loss"),
+            "final_val_accuracy": self.final("val_accuracy"),
+            "best_val_accuracy": self.best("val_accuracy"),
+            "epochs": len(self.curves.get("val_loss", [])),
+            "status": self.status,
+            "run_id": self.run_id,
+        }
+
+
+def select_runs(client, experiment: str | None, sweep: str | None, run_ids: list[str] | None) -> list:
+    """The MLflow runs asked for, or ConfigError in one line when there are none."""
+    from mlflow.exceptions import MlflowException
+
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except MlflowException:
+                raise ConfigError(f"no MLflow run {run_id} in {client.tracking_uri}.") from None
+        return runs
+    if sweep:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiment_ids, filter_string=f"tags.sweep_id = '{sweep}'", max_results=5000) if experiment_ids else []
+        if not runs:
+            raise ConfigError(f"no runs tagged sweep_id={sweep} in {client.tracking_uri}; the tag is in each run's MLflow tags.")
+        return runs
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise ConfigError(f"no MLflow experiment {experiment!r} in {client.tracking_uri} (experiments there: {names}).")
+    runs = client.search_runs([found.experiment_id], max_results=5000)
+    if not runs:
+        raise ConfigError(f"MLflow experiment {experiment!r} in {client.tracking_uri} has no runs.")
+    return runs
+
+
+def read_curves(client, run) -> RunCurves:
+    tags, params = run.data.tags, run.data.params
+    overrides = tags.get("overrides", "")
+    result = RunCurves(
+        run_id=run.info.run_id,
+        name=run.info.run_name or run.info.run_id,
+        overrides=[] if overrides in ("", "(none)") else overrides.split(" "),
+        scheduler=tags.get("scheduler") or params.get("scheduler._target_", "?").rsplit(".", 1)[-1],
+        optimizer=tags.get("optimizer") or params.get("optimizer._target_", "?").rsplit(".", 1)[-1],
+        status=run.info.status,
+    )
+    for key, _ in CURVES:
+        if key in run.data.metrics:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            result.curves[key] = [m.value for m in history]
+    return result
+
+
+def label_runs(runs: list[RunCurves]) -> None:
+    """Label each run by the overrides that set it apart; those all runs share say nothing in a legend."""
+    shared = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
+    for run in runs:
+        own = [o for o in run.overrides if o not in shared]
+        run.label = " ".join(own) or run.name
+
+
+def rank(runs: list[RunCurves], sort_key: str) -> list[RunCurves]:
+    descending = sort_key.endswith("accuracy")
+
+    def key(run: RunCurves) -> tuple[bool, float]:
+        value = run.row()[sort_key]
+        missing = value is None or math.isnan(value)
+        return missing, 0.0 if missing else (-value if descending else value)
+
+    return sorted(runs, key=key)
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def table_rows(runs: list[RunCurves]) -> tuple[list[str], list[list[str]]]:
+    header = ["rank", *runs[0].row().keys()]
+    return header, [[str(i), *(format_value(v) for v in run.row().values())] for i, run in enumerate(runs, start=1)]
+
+
+def as_text(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+    return "\n".join(lines)
+
+
+def as_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def draw(runs: list[RunCurves], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    shown = [(key, name) for key, name in CURVES if any(key in r.curves for r in runs)]
+    figure, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 4.4), squeeze=False)
+    for axis, (key, name) in zip(axes[0], shown):
+        for run in runs:
+            values = run.curves.get(key)
+            if values:
+                axis.plot(range(1, len(values) + 1), values, label=run.label, linewidth=1.6)
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if key == "val_loss":
+            axis.set_yscale("log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def compare(uri: str | None, experiment: str | None, sweep: str | None, run_ids: list[str] | None, out: Path, sort_key: str) -> str:
+    """Write out.png, out.csv and out.md; return the ranking as text."""
+    from runner.tracking import open_client
+
+    client = open_client(uri)
+    runs = [read_curves(client, run) for run in select_runs(client, experiment, sweep, run_ids)]
+    label_runs(runs)
+    runs = rank(runs, sort_key)
+    header, rows = table_rows(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[i, *run.row().values()] for i, run in enumerate(runs, start=1)])
+    out.with_suffix(".md").write_text(as_markdown(header, rows), encoding="utf-8")
+    title = f"sweep {sweep}" if sweep else f"experiment {experiment}" if not run_ids else f"{len(runs)} runs"
+    draw(runs, out.with_suffix(".png"), title)
+    return as_text(header, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", nargs="?", default="runner", help="MLflow experiment name (default: runner)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sweep", help="the sweep_id tag of a multirun's jobs")
+    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these MLflow run ids")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--out", type=Path, default=Path("comparison"), help="path prefix of the .png/.csv/.md (default: comparison)")
+    parser.add_argument("--sort", choices=SORT_KEYS, default="final_val_loss", help="ranking order (default: final_val_loss)")
+    args = parser.parse_args(argv)
+    try:
+        text = compare(args.tracking_uri, args.experiment, args.sweep, args.runs, args.out, args.sort)
+    except RunnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(text)
+    print(f"\nwrote {args.out.with_suffix('.png')}, {args.out.with_suffix('.csv')}, {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

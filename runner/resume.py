@@ -84,14 +84,12 @@ class RunRecord:
         return cls(run_dir=run_dir, fingerprint=fingerprint, created=time.time())
 
 
-def find_latest_run(roots: Iterable[Path], fingerprint: str, exclude: Path) -> RunRecord | None:
+def find_latest_run(roots: Iterable[Path], fingerprint: str) -> RunRecord | None:
     """The most recently created run directory under ``roots`` with this fingerprint, finished or not."""
     candidates = []
     for root in roots:
         if root.is_dir():
             for record_path in root.rglob(RUN_RECORD):
-                if record_path.parent.resolve() == exclude.resolve():
-                    continue
                 record = RunRecord.load(record_path.parent)
                 if record is not None and record.fingerprint == fingerprint:
                     candidates.append(record)

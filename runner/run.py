@@ -106,10 +106,15 @@ def epoch_metrics(result: EpochResult) -> dict[str, float]:
 
 def decide_start(cfg: DictConfig, context: RunContext, fingerprint: str, settings: dict[str, str]) -> Start:
     """Apply ``resume``: auto (the newest run of this config), never, or a given run directory/checkpoint."""
+    own = RunRecord.load(context.run_dir)  # a requeued cluster job, or a fixed hydra.run.dir, lands in its old directory
+    if own is not None and (own.fingerprint != fingerprint or cfg.resume == "never"):
+        why = "resume=never" if own.fingerprint == fingerprint else "this config differs from that run's"
+        raise ConfigError(f"{context.run_dir} already holds a run and {why}; give this run another directory "
+                          f"(hydra.run.dir=... or hydra.sweep.dir=...) so that one is not overwritten.")
     if cfg.resume == "never":
         return Start()
     if cfg.resume == "auto":
-        return Start(find_latest_run([Path(root) for root in cfg.resume_search], fingerprint, exclude=context.run_dir))
+        return Start(own or find_latest_run([Path(root) for root in cfg.resume_search], fingerprint))
     record, checkpoint = record_for_path(Path(cfg.resume))
     if checkpoint is None:
         newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))
@@ -238,6 +243,7 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     if not completed:
         path = save_checkpoint(record.run_dir, state_bundle(loop, progress, history, record, config), trainer.keep_checkpoints)
         tracker.finish("KILLED")
+        stop.hand_over()  # e.g. submitit requeues the job and exits here
         raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
                       f"checkpoint {path}. Run the same command again to resume.")
     record.finished, record.final_val_loss = True, history[-1]["val_loss"]

@@ -5,6 +5,9 @@ time limit) ask for a stop: the loop finishes its optimizer step, the run writes
 run KILLED and exits with ``EXIT_STOPPED``, so a requeue of the same command resumes. Saving inside the handler
 would run arbitrary code at an arbitrary point of the step; other tools that do so hang. A second Ctrl-C exits at
 once.
+
+Once the checkpoint is written, the signal is handed to the handler it displaced, if that was Python code: under
+submitit that is its requeue handler, so a job at its time limit is checkpointed by the runner, then requeued.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._displaced: dict[int, object] = {}
         self._fault = _parse_fault(os.environ.get(FAULT_AT_STEP_ENV))
 
     def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._displaced = dict(self._previous)
         return self
 
     def uninstall(self) -> None:
@@ -48,8 +54,18 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self.signal_name is not None and signum == signal.SIGINT:
             os._exit(EXIT_INTERRUPTED_TWICE)  # the second Ctrl-C: the user means now
-        self.signal_name = name
+        self.signal_name, self.signum = name, signum
         log.warning(f"{name} received: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)")
+
+    def hand_over(self) -> None:
+        """Pass the stop signal on to the Python handler it displaced (submitit's requeue), after the checkpoint.
+
+        That handler may requeue the job and exit; Python's own Ctrl-C handler is left out (we exit ourselves).
+        """
+        previous = self._displaced.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            log.info(f"handing {self.signal_name} on to {getattr(previous, '__qualname__', previous)}")
+            previous(self.signum, None)
 
     def __call__(self, global_step: int) -> bool:
         if self._fault is not None and global_step == self._fault[1]:

@@ -288,3 +288,22 @@ def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
     assert set(bundle["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert bundle["best_val_loss"] == min(h["val_loss"] for h in bundle["history"])
     assert bundle["config"]["trainer"]["epochs"] == EPOCHS
+
+
+def test_a_fixed_run_directory_resumes_its_own_run_and_refuses_another_config(tmp_path):
+    """A requeued cluster job or a fixed hydra.run.dir lands in its old directory: continue that run, never overwrite it."""
+    fixed = ["hydra.run.dir=fixed"]
+    stopped = launch(tmp_path, *fixed, fault="SIGTERM:70")
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr
+    record = (tmp_path / "fixed" / "runner.json").read_text()
+
+    other = launch(tmp_path, *fixed, "optimizer.lr=0.01")
+    assert other.returncode == 2
+    assert "fixed already holds a run and this config differs from that run's" in other.stderr
+    assert (tmp_path / "fixed" / "runner.json").read_text() == record, "the old run is untouched"
+
+    resumed = launch(tmp_path, *fixed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "epoch 2/4, batch 25 of 45" in resumed.stderr
+    client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -122,7 +122,7 @@ def checkpoint_and_mlflow_cost(repeats: int) -> dict:
             progress.epoch, progress.batch = epoch, 0
             e = timed(lambda: train_one_epoch(loop, progress, lambda step: False))
             progress.finish_epoch()
-            c = timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], record, config), keep=2))
+            c = timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], {}, record, config), keep=2))
             m = timed(lambda: tracker.log_metrics(epoch_metrics(EpochResult(epoch, [0.1], {"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5})), epoch))
             if epoch:
                 epoch_times.append(e), checkpoint_times.append(c), mlflow_times.append(m)

@@ -9,6 +9,7 @@ hyper-parameters.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,18 +18,22 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from runner.data import DataSplits
 from runner.errors import ConfigError, RunnerError
-from runner.schedules import check_scheduler_arguments, simulate_schedule
+from runner.schedules import check_lambda_mode, check_scheduler_arguments, simulate_schedule
 
 # Arguments the runner passes itself, per group; the YAML must not set them.
 RUNTIME_ARGUMENTS = {
     "data": ("seed",),
     "model": ("input_shape", "num_outputs"),
     "optimizer": ("params",),
-    "scheduler": ("optimizer", "last_epoch"),
+    "scheduler": ("optimizer", "last_epoch", "total_steps", "steps_per_epoch", "stepped_per_batch", "epochs"),
 }
+# Keys of the scheduler node that the runner reads and the scheduler class never sees.
+SCHEDULER_SETTINGS = {"interval": "epoch", "monitor": "val_loss"}
+INTERVALS = ("epoch", "step")
 
 
 @dataclass
@@ -37,6 +42,29 @@ class Built:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: SchedulePlan
+
+
+@dataclass
+class SchedulePlan:
+    """When the scheduler steps and on what: once per epoch or per batch, and the metric ReduceLROnPlateau watches."""
+
+    interval: str
+    monitor: str | None  # ReduceLROnPlateau only
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def stepped_per_batch(self) -> bool:
+        return self.interval == "step"
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * (self.steps_per_epoch if self.stepped_per_batch else 1)
+
+    def runtime(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"optimizer": optimizer, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "stepped_per_batch": self.stepped_per_batch}
 
 
 def resolve_target(group: str, node: DictConfig) -> Callable[..., Any]:
@@ -49,10 +77,11 @@ def resolve_target(group: str, node: DictConfig) -> Callable[..., Any]:
         raise ConfigError(f"{group}._target_={target!r} cannot be imported; check the spelling and that its package is installed.") from None
 
 
-def constructor_kwargs(node: DictConfig) -> dict[str, Any]:
-    """The node's arguments as plain Python values, without Hydra's underscore keys."""
+def constructor_kwargs(node: DictConfig, group: str = "") -> dict[str, Any]:
+    """The node's arguments as plain Python values, without Hydra's underscore keys (or the runner's scheduler keys)."""
     values = OmegaConf.to_container(node, resolve=True)
-    return {key: value for key, value in values.items() if not key.startswith("_")}
+    skipped = SCHEDULER_SETTINGS if group == "scheduler" else {}
+    return {key: value for key, value in values.items() if not key.startswith("_") and key not in skipped}
 
 
 def signature_parameters(target: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -75,7 +104,7 @@ def check_arguments(group: str, target: Callable[..., Any], kwargs: dict[str, An
     parameters = signature_parameters(target)
     if parameters is None:
         return
-    runtime = RUNTIME_ARGUMENTS.get(group, ())
+    runtime = RUNTIME_ARGUMENTS.get(_root(group), ())
     accepted = [name for name, p in parameters.items() if p.kind is not p.VAR_POSITIONAL and name not in runtime]
     problems = []
     unknown = sorted(set(kwargs) - set(accepted) - set(runtime))
@@ -98,6 +127,11 @@ def check_arguments(group: str, target: Callable[..., Any], kwargs: dict[str, An
         raise ConfigError(f"{group} ({_name(target)}): {'; '.join(problems)}. Valid arguments: {', '.join(accepted)}.")
 
 
+def _root(group: str) -> str:
+    """``scheduler.schedulers[0]`` (a composed scheduler's part) -> ``scheduler``."""
+    return group.split(".", 1)[0]
+
+
 def _name(target: Callable[..., Any]) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}".lstrip(".")
 
@@ -109,10 +143,14 @@ def build_node(group: str, node: DictConfig, **runtime: Any) -> Any:
     ``input_shape`` or ``num_outputs``.
     """
     target = resolve_target(group, node)
-    check_arguments(group, target, constructor_kwargs(node))
+    kwargs = constructor_kwargs(node, _root(group))
+    check_arguments(group, target, kwargs)
     parameters = signature_parameters(target)
     if parameters is not None:
         runtime = {key: value for key, value in runtime.items() if key in parameters}
+    if _root(group) == "scheduler":  # without the runner's own keys (interval, monitor)
+        node = OmegaConf.create({key: value for key, value in OmegaConf.to_container(node, resolve=True).items()
+                                 if key not in SCHEDULER_SETTINGS})
     try:
         return instantiate(node, _convert_="all", **runtime)
     except InstantiationException as err:
@@ -121,24 +159,79 @@ def build_node(group: str, node: DictConfig, **runtime: Any) -> Any:
         raise ConfigError(f"{group}: {_name(target)} refused its arguments: {err.__cause__ or err}") from None
 
 
-def build_everything(cfg: DictConfig, device: torch.device) -> Built:
-    """Build data, model, optimizer and scheduler, and check the schedule over every epoch before training.
+def schedule_plan(cfg: DictConfig, steps_per_epoch: int, classification: bool = True) -> SchedulePlan:
+    """Read and check the scheduler's ``interval`` and ``monitor``.
 
-    The optimizer and scheduler are built (on a throw-away parameter) before the data is loaded, so their
-    errors come at once.
+    Raises:
+        ConfigError: an unknown interval, a plateau scheduler stepped per batch, or a metric that is not logged.
     """
-    scheduler_target = resolve_target("scheduler", cfg.scheduler)
-    check_scheduler_arguments(scheduler_target, constructor_kwargs(cfg.scheduler))
+    interval = cfg.scheduler.get("interval", SCHEDULER_SETTINGS["interval"])
+    if interval not in INTERVALS:
+        raise ConfigError(f"scheduler.interval={interval!r}: use epoch (step the scheduler once per epoch) or step (after every batch).")
+    target = resolve_target("scheduler", cfg.scheduler)
+    monitor = None
+    if isinstance(target, type) and issubclass(target, ReduceLROnPlateau):
+        monitor = cfg.scheduler.get("monitor", SCHEDULER_SETTINGS["monitor"])
+        metrics = ["train_loss", "val_loss", *(["val_accuracy"] if classification else [])]
+        if monitor not in metrics:
+            raise ConfigError(f"scheduler.monitor={monitor!r}: ReduceLROnPlateau can watch {', '.join(metrics)}.")
+        mode = cfg.scheduler.get("mode", "min")
+        if (mode == "max") != monitor.endswith("accuracy"):
+            better = "max" if monitor.endswith("accuracy") else "min"
+            raise ConfigError(f"scheduler.monitor={monitor} with scheduler.mode={mode}: the LR would be cut while "
+                              f"{monitor} improves; set scheduler.mode={better}.")
+        if interval == "step":
+            raise ConfigError("scheduler.interval=step: ReduceLROnPlateau steps on a validation metric, once per epoch; "
+                              "use scheduler.interval=epoch.")
+    elif "monitor" in cfg.scheduler:
+        raise ConfigError(f"scheduler.monitor is for ReduceLROnPlateau (scheduler=plateau); {target.__name__} steps without a metric.")
+    return SchedulePlan(interval, monitor, max(steps_per_epoch, 1), cfg.trainer.epochs)
+
+
+def build_schedule(cfg: DictConfig, plan: SchedulePlan):
+    """(make_optimizer, make_scheduler) for this config, the scheduler told how often it steps."""
 
     def make_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return build_node("optimizer", cfg.optimizer, params=params)
 
     def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        return build_node("scheduler", cfg.scheduler, optimizer=optimizer)
+        return build_node("scheduler", cfg.scheduler, **plan.runtime(optimizer))
 
-    simulate_schedule(make_optimizer, make_scheduler, cfg.trainer.epochs)  # a bad epoch fails here, not mid-run
+    return make_optimizer, make_scheduler
+
+
+def check_schedule(cfg: DictConfig, plan: SchedulePlan, step_lrs: list[float] | None = None) -> list[list[float]]:
+    """Build the optimizer and scheduler on a throw-away parameter and run the whole schedule; return epoch LRs
+    (and append group 0's LR at every scheduler step to ``step_lrs``)."""
+    check_scheduler_arguments(resolve_target("scheduler", cfg.scheduler), constructor_kwargs(cfg.scheduler, "scheduler"))
+    make_optimizer, make_scheduler = build_schedule(cfg, plan)
+    return simulate_schedule(make_optimizer, make_scheduler, plan.epochs, plan.steps_per_epoch, plan.stepped_per_batch, step_lrs)
+
+
+def check_before_data(cfg: DictConfig) -> None:
+    """What can be refused before the data loads: the optimizer, and the scheduler's settings and arguments."""
+    schedule_plan(cfg, steps_per_epoch=1)
+    target = resolve_target("scheduler", cfg.scheduler)
+    kwargs = constructor_kwargs(cfg.scheduler, "scheduler")
+    check_scheduler_arguments(target, kwargs)
+    check_arguments("scheduler", target, kwargs)
+    build_node("optimizer", cfg.optimizer, params=[torch.zeros(1, requires_grad=True)])
+
+
+def build_everything(cfg: DictConfig, device: torch.device) -> Built:
+    """Build data, model, optimizer and scheduler, and run the schedule through every epoch (and step) first.
+
+    Optimizer and scheduler settings are checked before the data loads, so their errors come at once; the
+    schedule is simulated once the data gives the number of steps per epoch, before any training.
+    """
+    check_before_data(cfg)
     data: DataSplits = build_node("data", cfg.data, seed=cfg.trainer.seed)
+    plan = schedule_plan(cfg, math.ceil(len(data.train) / cfg.trainer.batch_size), data.is_classification)
+    check_schedule(cfg, plan)  # a NaN, negative or failing LR at some epoch fails here, not mid-run
     num_outputs = data.num_classes if data.is_classification else 1
     model = build_node("model", cfg.model, input_shape=data.input_shape, num_outputs=num_outputs).to(device)
+    make_optimizer, make_scheduler = build_schedule(cfg, plan)
     optimizer = make_optimizer(list(model.parameters()))
-    return Built(data, model, optimizer, make_scheduler(optimizer))
+    scheduler = make_scheduler(optimizer)
+    check_lambda_mode(scheduler, optimizer)
+    return Built(data, model, optimizer, scheduler, plan)

@@ -37,6 +37,7 @@ class TrackingConfig:
     # None: MLflow's own default (MLFLOW_TRACKING_URI, else ./mlflow.db), so a plain `mlflow ui` finds the runs.
     uri: str | None = None
     experiment: str = "runner"
+    log_every_n_steps: int = 0  # > 0: also log `lr_step`, the LR every N optimizer steps (0: per epoch only)
 
 
 @dataclass
@@ -79,6 +80,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.device={trainer.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
         )
+    if cfg.tracking.log_every_n_steps < 0:
+        raise ConfigError(f"tracking.log_every_n_steps must be 0 (off) or more, got {cfg.tracking.log_every_n_steps}.")
     lr = cfg.optimizer.get("lr")
     if lr is None or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a number above 0, got {lr!r}.")

@@ -134,7 +134,8 @@ def decide_start(cfg: DictConfig, context: RunContext, fingerprint: str, setting
     return Start(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state
 
 
-def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]], record: RunRecord, config: dict[str, Any]) -> dict[str, Any]:
+def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float], record: RunRecord,
+                 config: dict[str, Any]) -> dict[str, Any]:
     """Everything that decides the rest of the run, as tensors and plain values (``weights_only`` loads it)."""
     val_losses = [h["val_loss"] for h in history if "val_loss" in h]
     return {
@@ -145,6 +146,7 @@ def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]]
         "rng": capture_rng_state(),
         "grad_scaler": None,
         "history": history,
+        "lr_steps": lr_steps,  # per-step LRs of finished epochs (tracking.log_every_n_steps)
         "best_val_loss": min(val_losses, default=None),
         "mlflow_run_id": record.mlflow_run_id,
         "config": config,
@@ -202,13 +204,17 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         classification=built.data.is_classification,
         epochs=trainer.epochs,
         progress_bar=trainer.progress_bar,
+        scheduler_per_batch=built.plan.stepped_per_batch,
+        monitor=built.plan.monitor,
+        log_lr_every=cfg.tracking.log_every_n_steps,
     )
 
-    progress, history = Progress(), []
+    progress, history, lr_steps = Progress(), [], {}
     loaded = _load_start_checkpoint(start, record)
     if loaded is not None:
         path, bundle = loaded
         progress, history = restore(loop, path, bundle, device), list(bundle["history"])
+        lr_steps = dict(bundle.get("lr_steps", {}))
         log.info(f"resuming {record.run_dir} from {path.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
                  f"batch {progress.batch} of {len(loop.train_batches)}")
 
@@ -223,14 +229,17 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     tracker.set_tags(_tags(context, record, device, operational, start))
     for step, metrics in enumerate(history):  # epochs checkpointed but not yet logged when the last launch died
         tracker.log_metrics(metrics, step)
+    tracker.log_series("lr_step", lr_steps)
     log.info(f"training on {device} in {record.run_dir}; MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
 
     def on_epoch_end(result: EpochResult) -> None:
         metrics = epoch_metrics(result)
         history.append(metrics)
+        lr_steps.update(result.lr_steps)
         if progress.epoch % trainer.checkpoint_every == 0 or progress.epoch == loop.epochs:
-            save_checkpoint(record.run_dir, state_bundle(loop, progress, history, record, config), trainer.keep_checkpoints)
+            save_checkpoint(record.run_dir, state_bundle(loop, progress, history, lr_steps, record, config), trainer.keep_checkpoints)
         tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
+        tracker.log_series("lr_step", result.lr_steps)
 
     stop = StopFlag().install()
     try:
@@ -241,7 +250,8 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     finally:
         stop.uninstall()
     if not completed:
-        path = save_checkpoint(record.run_dir, state_bundle(loop, progress, history, record, config), trainer.keep_checkpoints)
+        path = save_checkpoint(record.run_dir, state_bundle(loop, progress, history, lr_steps, record, config), trainer.keep_checkpoints)
+        tracker.log_series("lr_step", progress.lr_steps)  # the stopped epoch's part; its checkpoint holds them too
         tracker.finish("KILLED")
         stop.hand_over()  # e.g. submitit requeues the job and exits here
         raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "

@@ -169,6 +169,17 @@ class Tracker:
             for metric in fresh:
                 self.logged.setdefault(metric.key, set()).add(step)
 
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        """Log one metric at many steps (the per-step LR), leaving out steps MLflow already holds."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        done = self.logged.setdefault(key, set())
+        fresh = [Metric(key, float(value), now, step) for step, value in sorted(values.items()) if step not in done]
+        for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
+        done.update(m.step for m in fresh)
+
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 

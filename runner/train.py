@@ -1,4 +1,4 @@
-"""The training loop: epochs of optimizer steps, a validation pass, the scheduler stepped once per epoch.
+"""The training loop: epochs of optimizer steps, a validation pass, the scheduler stepped per epoch or per batch.
 
 It receives built objects and knows nothing of Hydra, MLflow or files; what happens at the end of an epoch
 (logging, checkpointing) is the caller's ``on_epoch_end``. Losses are summed on the device, so there is no
@@ -31,9 +31,10 @@ class Batches(Protocol):
 @dataclass
 class EpochResult:
     epoch: int  # 0-based
-    lrs: list[float]  # each param group's LR, used for every step of this epoch
+    lrs: list[float]  # each param group's LR at the start of the epoch (for the whole epoch unless stepped per batch)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    lr_steps: dict[int, float] = field(default_factory=dict)  # global step -> LR of group 0, every N steps if asked
 
     def summary(self, epochs: int) -> str:
         values = " ".join(f"{key} {value:.4g}" for key, value in self.metrics.items())
@@ -52,6 +53,9 @@ class Loop:
     classification: bool
     epochs: int
     progress_bar: bool = True
+    scheduler_per_batch: bool = False  # scheduler.interval=step
+    monitor: str | None = None  # the metric ReduceLROnPlateau steps on
+    log_lr_every: int = 0  # record the LR every this many global steps (0: never)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.classification:
@@ -68,14 +72,19 @@ class Progress:
     global_step: int = 0
     loss_sum: torch.Tensor | None = None  # sum of loss x batch size over this epoch's done batches, on the device
     samples: int = 0
+    epoch_lrs: list[float] | None = None  # the LRs this epoch started with (a resumed epoch keeps them)
+    lr_steps: dict[int, float] = field(default_factory=dict)  # this epoch's recorded per-step LRs
 
-    def start_epoch(self, device: torch.device) -> None:
+    def start_epoch(self, device: torch.device, lrs: list[float]) -> None:
         if self.loss_sum is None or self.batch == 0:
             self.loss_sum = torch.zeros((), device=device)
-            self.samples = 0
+            self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
+        if self.epoch_lrs is None:  # a checkpoint from before epoch_lrs was saved
+            self.epoch_lrs = lrs
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
+        self.epoch_lrs, self.lr_steps = None, {}
 
     def state_dict(self) -> dict:
         return {
@@ -84,12 +93,15 @@ class Progress:
             "global_step": self.global_step,
             "loss_sum": self.loss_sum.detach().cpu() if self.loss_sum is not None else None,
             "samples": self.samples,
+            "epoch_lrs": self.epoch_lrs,
+            "lr_steps": dict(self.lr_steps),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> Progress:
         loss_sum = state["loss_sum"].to(device) if state["loss_sum"] is not None else None
-        return cls(state["epoch"], state["batch"], state["global_step"], loss_sum, state["samples"])
+        return cls(state["epoch"], state["batch"], state["global_step"], loss_sum, state["samples"],
+                   state.get("epoch_lrs"), dict(state.get("lr_steps", {})))
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -100,16 +112,20 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int],
     """Run the rest of ``progress.epoch``'s optimizer steps; False if a stop was asked for part-way."""
     loop.model.train()
     device = next(loop.model.parameters()).device
-    progress.start_epoch(device)
+    progress.start_epoch(device, current_lrs(loop.optimizer))
     bar = tqdm(total=len(loop.train_batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{loop.epochs}",
                leave=False, dynamic_ncols=True, disable=None if loop.progress_bar else True)  # None: only on a terminal
     next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
     with bar:
         for inputs, targets in loop.train_batches.epoch(progress.epoch, skip_batches=progress.batch):
+            if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
+                progress.lr_steps[progress.global_step] = float(loop.optimizer.param_groups[0]["lr"])  # a Python float: no sync
             loop.optimizer.zero_grad(set_to_none=True)
             loss = loop.loss(loop.model(inputs), targets)
             loss.backward()
             loop.optimizer.step()
+            if loop.scheduler_per_batch:
+                loop.scheduler.step()
             progress.loss_sum.add_(loss.detach(), alpha=len(targets))  # one kernel, no host sync
             progress.samples += len(targets)
             progress.batch += 1
@@ -151,18 +167,22 @@ def train(
 ) -> bool:
     """Train from ``progress`` to ``loop.epochs``; True when done, False when a stop was asked for.
 
-    The scheduler steps once per epoch, after the epoch's optimizer steps, so the LR recorded for an epoch is
-    the LR of every one of its steps. A stop asked for mid-epoch returns after the current step; one asked for
-    during the last step or validation returns once the epoch is complete.
+    A scheduler stepped per epoch steps after the epoch's optimizer steps (ReduceLROnPlateau after validation,
+    on its metric), so the LR recorded for an epoch is the LR of every one of its steps. A stop asked for
+    mid-epoch returns after the current step; one asked for during the last step or validation returns once
+    the epoch is complete.
     """
     while progress.epoch < loop.epochs:
         started = time.perf_counter()
-        result = EpochResult(progress.epoch, current_lrs(loop.optimizer))
         if not train_one_epoch(loop, progress, should_stop):
             return False
+        result = EpochResult(progress.epoch, list(progress.epoch_lrs), lr_steps=dict(progress.lr_steps))
         result.metrics["train_loss"] = progress.loss_sum.item() / max(progress.samples, 1)
-        loop.scheduler.step()
+        if not loop.scheduler_per_batch and loop.monitor is None:
+            loop.scheduler.step()
         result.metrics.update(evaluate(loop))
+        if loop.monitor is not None:
+            loop.scheduler.step(result.metrics[loop.monitor])
         result.seconds = time.perf_counter() - started
         progress.finish_epoch()
         log.info(result.summary(loop.epochs))

@@ -67,3 +67,23 @@ def test_unimportable_target_is_a_clear_error(make_config):
 def test_torch_refusing_an_argument_is_one_line(make_config):
     with pytest.raises(ConfigError, match=r"optimizer: torch.optim.adam.Adam refused its arguments: Invalid beta parameter at index 0: 1.5"):
         build_everything(make_config("optimizer=adam", "optimizer.betas=[1.5,0.9]"), CPU)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["scheduler=cosine", "+scheduler.interval=batch"], "scheduler.interval='batch': use epoch"),
+        (["scheduler=plateau", "scheduler.monitor=val_acc"], "scheduler.monitor='val_acc': ReduceLROnPlateau can watch train_loss, val_loss, val_accuracy."),
+        (["scheduler=plateau", "scheduler.monitor=val_accuracy"], "scheduler.monitor=val_accuracy with scheduler.mode=min: the LR would be cut while val_accuracy improves; set scheduler.mode=max."),
+        (["scheduler=plateau", "+scheduler.interval=step"], "ReduceLROnPlateau steps on a validation metric, once per epoch"),
+        (["scheduler=cosine", "+scheduler.monitor=val_loss"], "scheduler.monitor is for ReduceLROnPlateau"),
+        (["scheduler=plateau", "scheduler.factor=1.5"], "scheduler.factor=1.5: ReduceLROnPlateau factor must be between 0 and 1."),
+        (["scheduler=warmup_cosine", "scheduler.warmup=5", "trainer.epochs=5"], "scheduler.warmup=5: the warm-up must be at least 1 step and shorter than the run (5 scheduler steps)."),
+        (["scheduler=onecycle", "+scheduler.total_steps=10"], "total_steps is set by the runner"),
+        (["scheduler=lambda", "scheduler.interval=step", "scheduler.lr_lambda='1 / (100 - step)'", "trainer.epochs=3"], "fails at epoch=2, step=100"),
+    ],
+)
+def test_schedule_settings_are_refused_before_training(make_config, overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        build_everything(make_config(*overrides), CPU)
+    assert message in str(caught.value)

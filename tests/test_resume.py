@@ -23,12 +23,17 @@ SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
 OPTIMIZERS = ["sgd", "adam", "asgd"]
 EPOCHS = 4  # digits: 45 batches of 32 per epoch, so step 70 is mid-epoch 2 and step 100 mid-epoch 3
 BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
-        "optimizer.lr=0.05"]
+        "optimizer.lr=0.05", "tracking.log_every_n_steps=5"]
+
+
+# Settings that make each schedule change within EPOCHS epochs (ReduceLROnPlateau: only >50% improvements count).
+SCHEDULE_SETTINGS = {"warmup_cosine": ["scheduler.warmup=2"], "cosine_restarts": ["scheduler.T_0=2"],
+                     "plateau": ["scheduler.patience=0", "scheduler.threshold=0.5"]}
 
 
 def pair_overrides(optimizer: str, scheduler: str) -> list[str]:
     extra = ["optimizer.t0=50"] if optimizer == "asgd" else []  # start ASGD's averaging (ax, eta, mu) mid-run
-    return [f"optimizer={optimizer}", f"scheduler={scheduler}", *extra]
+    return [f"optimizer={optimizer}", f"scheduler={scheduler}", *extra, *SCHEDULE_SETTINGS.get(scheduler, [])]
 
 
 def launch(cwd: Path, *overrides: str, fault: str | None = None, kill_in_write: int | None = None) -> subprocess.CompletedProcess:
@@ -81,21 +86,31 @@ def assert_mlflow_history_exact(cwd: Path, reference: dict):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h[key] for h in reference["history"]], key
+    lr_steps = {m.step: m.value for m in client.get_metric_history(run_id, "lr_step")}
+    assert len(client.get_metric_history(run_id, "lr_step")) == len(lr_steps), "each lr_step once"
+    assert lr_steps == reference["lr_steps"] and sorted(lr_steps) == list(range(0, EPOCHS * 45, 5))
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[tuple[str, str], dict]:
-    """Uninterrupted runs of every optimizer x scheduler pair, from one sweep."""
+    """Uninterrupted runs of every optimizer x scheduler pair: one sweep per optimizer over the schedulers that
+    need no settings of their own, one launch for each of the others."""
     cwd = tmp_path_factory.mktemp("reference")
-    sweeps = {}
-    for optimizer in OPTIMIZERS:  # ASGD's extra override needs its own sweep
-        extra = pair_overrides(optimizer, "x")[2:]
-        result = run_runner("-m", f"optimizer={optimizer}", f"scheduler={','.join(SCHEDULERS)}", *BASE, *extra,
-                            f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"hydra.sweep.dir={cwd / optimizer}", cwd=cwd)
+    tracking = f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}"
+    found = {}
+    for optimizer in OPTIMIZERS:
+        common = pair_overrides(optimizer, "x")[2:]
+        plain = [s for s in SCHEDULERS if pair_overrides(optimizer, s)[2:] == common]
+        result = run_runner("-m", f"optimizer={optimizer}", f"scheduler={','.join(plain)}", *BASE, *common, tracking,
+                            f"hydra.sweep.dir={cwd / optimizer}", cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
-        for job, scheduler in enumerate(SCHEDULERS):
-            sweeps[optimizer, scheduler] = final_bundle(cwd / optimizer / str(job))
-    return sweeps
+        found.update({(optimizer, s): final_bundle(cwd / optimizer / str(job)) for job, s in enumerate(plain)})
+        for scheduler in sorted(set(SCHEDULERS) - set(plain)):
+            run_dir = cwd / optimizer / scheduler
+            result = run_runner(*BASE, *pair_overrides(optimizer, scheduler), tracking, f"hydra.run.dir={run_dir}", cwd=cwd)
+            assert result.returncode == 0, result.stderr[-3000:]
+            found[optimizer, scheduler] = final_bundle(run_dir)
+    return found
 
 
 @pytest.mark.slow

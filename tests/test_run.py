@@ -17,45 +17,125 @@ OPTIMIZERS = sorted(path.stem for path in (CONF / "optimizer").glob("*.yaml"))
 EPOCHS = 7
 
 
-def plain_torch_lrs(cfg) -> list[float]:
-    """The textbook loop with torch's own classes and the same arguments; LambdaLR gets a Python lambda."""
+def scheduler_overrides(scheduler: str, optimizer: str) -> list[str]:
+    """Settings that make each schedule change within a short run."""
+    return {
+        "constant": ["scheduler.total_iters=4", "scheduler.factor=0.5"],
+        "linear": ["scheduler.total_iters=4"],
+        "warmup_cosine": ["scheduler.warmup=3"],
+        "cosine_restarts": ["scheduler.T_0=3"],
+        "onecycle": ["scheduler.cycle_momentum=true"] if optimizer != "asgd" else [],  # torch's default, where it applies
+        "plateau": ["scheduler.patience=1", "scheduler.threshold=0.5"],  # improvements under 50% count as none
+    }.get(scheduler, [])
+
+
+def torch_scheduler(optimizer: torch.optim.Optimizer, node: dict, total_steps: int):
+    """torch's own class for a scheduler node, built here by hand (not through the runner)."""
+    args = {k: v for k, v in node.items() if k not in ("interval", "monitor", "_recursive_")}
+    target = args.pop("_target_").rsplit(".", 1)[1]
+    lr_scheduler = torch.optim.lr_scheduler
+    if target == "ExpressionLambdaLR":
+        source = args.pop("lr_lambda")
+        return lr_scheduler.LambdaLR(optimizer, lambda epoch: eval(source, {"epoch": epoch}))
+    if target == "warmup_cosine":
+        warmup = args["warmup"]
+        return lr_scheduler.SequentialLR(optimizer, [
+            lr_scheduler.LinearLR(optimizer, args["start_factor"], 1.0, warmup),
+            lr_scheduler.CosineAnnealingLR(optimizer, total_steps - warmup, args["eta_min"]),
+        ], [warmup])
+    if target == "sequential":
+        return lr_scheduler.SequentialLR(optimizer, [torch_scheduler(optimizer, child, total_steps) for child in args["schedulers"]],
+                                         args["milestones"])
+    if target == "OneCycleLR":
+        args["total_steps"] = total_steps
+    return getattr(lr_scheduler, target)(optimizer, **args)
+
+
+def plain_torch_lrs(cfg, steps_per_epoch: int, metrics: list[float] | None = None) -> list[float]:
+    """The textbook loop with torch's own classes and the same arguments: the LR at each epoch's start.
+
+    ReduceLROnPlateau is stepped on ``metrics``, the validation losses the runner logged."""
     model = torch.nn.Linear(2, 1)
     opt_args = OmegaConf.to_container(cfg.optimizer, resolve=True)
     optimizer = getattr(torch.optim, opt_args.pop("_target_").rsplit(".", 1)[1])(model.parameters(), **opt_args)
-    sched_args = OmegaConf.to_container(cfg.scheduler, resolve=True)
-    target = sched_args.pop("_target_")
-    if target.endswith("ExpressionLambdaLR"):
-        source = sched_args.pop("lr_lambda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: eval(source, {"epoch": epoch}))
-    else:
-        scheduler = getattr(torch.optim.lr_scheduler, target.rsplit(".", 1)[1])(optimizer, **sched_args)
-    lrs = []
-    for _ in range(cfg.trainer.epochs):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        for _ in range(3):
+    node = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    per_batch = node.get("interval") == "step"
+    scheduler = torch_scheduler(optimizer, node, cfg.trainer.epochs * (steps_per_epoch if per_batch else 1))
+    epoch_lrs = []
+    for epoch in range(cfg.trainer.epochs):
+        epoch_lrs.append(optimizer.param_groups[0]["lr"])
+        for _ in range(steps_per_epoch):
             optimizer.zero_grad()
             model(torch.randn(4, 2)).pow(2).mean().backward()
             optimizer.step()
-        scheduler.step()
-    return lrs
+            if per_batch:
+                scheduler.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(metrics[epoch])
+        elif not per_batch:
+            scheduler.step()
+    return epoch_lrs
+
+
+def digits_steps_per_epoch(cfg) -> int:
+    from runner.build import build_node
+
+    return math.ceil(len(build_node("data", cfg.data, seed=cfg.trainer.seed).train) / cfg.trainer.batch_size)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_logged_lr_per_epoch_equals_a_plain_torch_loop(make_config, tracking_uri, experiment, tmp_path, optimizer, scheduler):
-    cfg = make_config(f"optimizer={optimizer}", f"scheduler={scheduler}", f"trainer.epochs={EPOCHS}", "scheduler.total_iters=4" if scheduler in ("constant", "linear") else "trainer.seed=0")
-    if scheduler == "constant":
-        cfg.scheduler.factor = 0.5  # make the constant phase visible
+    cfg = make_config(f"optimizer={optimizer}", f"scheduler={scheduler}", f"trainer.epochs={EPOCHS}", *scheduler_overrides(scheduler, optimizer))
     final_val_loss = run(cfg, RunContext(tmp_path, [f"optimizer={optimizer}", f"scheduler={scheduler}"]))
 
     client, runs = mlflow_runs(tracking_uri, experiment)
     (logged,) = runs
     assert logged.info.status == "FINISHED"
-    assert metric_series(client, logged.info.run_id, "lr") == pytest.approx(plain_torch_lrs(cfg), rel=1e-12)
     val_loss = metric_series(client, logged.info.run_id, "val_loss")
+    expected = plain_torch_lrs(cfg, digits_steps_per_epoch(cfg), val_loss)
+    assert metric_series(client, logged.info.run_id, "lr") == pytest.approx(expected, rel=1e-12)
+    assert len(set(expected)) > 1, "the schedule changes the LR within this test"
     assert len(val_loss) == EPOCHS and val_loss[-1] == pytest.approx(final_val_loss)
     assert len(metric_series(client, logged.info.run_id, "train_loss")) == EPOCHS
     assert all(0 <= a <= 1 for a in metric_series(client, logged.info.run_id, "val_accuracy"))
+
+
+def test_per_step_lambda_sees_step_and_logs_lr_step(make_config, tracking_uri, experiment, tmp_path):
+    expression = "0.99 ** step * (1 if epoch < 2 else 0.5)"
+    cfg = make_config("scheduler=lambda", f"scheduler.lr_lambda='{expression}'", "scheduler.interval=step", "trainer.epochs=3",
+                      "tracking.log_every_n_steps=10")
+    run(cfg, RunContext(tmp_path))
+    client, (logged,) = mlflow_runs(tracking_uri, experiment)
+    steps = digits_steps_per_epoch(cfg)
+    expected = [0.1 * 0.99**s * (1 if s // steps < 2 else 0.5) for s in range(3 * steps)]
+    assert metric_series(client, logged.info.run_id, "lr") == pytest.approx(expected[::steps], rel=1e-12)
+    history = client.get_metric_history(logged.info.run_id, "lr_step")
+    assert sorted(m.step for m in history) == list(range(0, 3 * steps, 10))
+    assert {m.step: m.value for m in history} == pytest.approx({s: expected[s] for s in range(0, 3 * steps, 10)}, rel=1e-12)
+
+
+def test_absolute_mode_reproduces_keras_learning_rates(make_config, tracking_uri, experiment, tmp_path):
+    cfg = make_config("optimizer=adam", "optimizer.lr=0.5", "scheduler=lambda", "scheduler.mode=absolute",
+                      "scheduler.lr_lambda='(1e-3 - 1e-8) * (10 - epoch) / 10'", "trainer.epochs=10")
+    run(cfg, RunContext(tmp_path))
+    client, (logged,) = mlflow_runs(tracking_uri, experiment)
+    lrs = metric_series(client, logged.info.run_id, "lr")
+    assert lrs[:2] == pytest.approx([0.00099999, 0.000899991], rel=1e-12)  # Keras's LearningRateScheduler, not x optimizer.lr
+    assert lrs == pytest.approx([(1e-3 - 1e-8) * (10 - e) / 10 for e in range(10)], rel=1e-12)
+
+
+def test_a_factor_expression_equal_to_the_base_lr_warns_naming_both_modes(make_config, tmp_path, caplog):
+    cfg = make_config("optimizer.lr=0.001", "scheduler=lambda", "scheduler.lr_lambda='0.001 * 0.9 ** epoch'", "trainer.epochs=1")
+    with caplog.at_level("WARNING", logger="runner"):
+        run(cfg, RunContext(tmp_path))
+    (warning,) = [r.getMessage() for r in caplog.records if "scheduler.lr_lambda is 0.001 at epoch 0" in r.getMessage()]
+    assert "mode=factor" in warning and "scheduler.mode=absolute" in warning and "0.001 x 0.001 = 1e-06" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runner"):
+        run(make_config("optimizer.lr=0.001", "scheduler=lambda", "scheduler.lr_lambda='0.9 ** epoch'", "trainer.epochs=1",
+                        "resume=never"), RunContext(tmp_path / "second"))
+    assert not [r for r in caplog.records if "lr_lambda" in r.getMessage()]
 
 
 def test_known_case_sgd_with_halving_every_three_epochs(make_config, tracking_uri, experiment, tmp_path):

@@ -37,7 +37,8 @@ def test_state_dict_holds_the_expression_and_restores_the_position():
     scheduler = ExpressionLambdaLR(sgd(), "0.5 ** (epoch // 3)")
     lrs_over(scheduler, 4)
     state = scheduler.state_dict()
-    assert state["lr_lambdas"] == [{"expression": "0.5 ** (epoch // 3)"}]
+    assert state["lr_lambdas"] == [{"expression": "0.5 ** (epoch // 3)", "steps_per_epoch": 1, "stepped_per_batch": False}]
+    assert state["mode"] == "factor"
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -69,3 +70,51 @@ def test_simulation_names_the_epoch_where_the_schedule_breaks():
         simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1), lambda o: ExpressionLambdaLR(o, "1 - epoch"), 10)
     with pytest.raises(ConfigError, match="lr=inf at epoch 0"):
         simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1), lambda o: ExpressionLambdaLR(o, "1e308 * 10"), 3)
+
+
+def test_per_step_simulation_names_the_epoch_and_the_step():
+    def build(o):
+        return ExpressionLambdaLR(o, "1 / (100 - step)", steps_per_epoch=45, stepped_per_batch=True)
+
+    with pytest.raises(ConfigError, match=r"fails at epoch=2, step=100"):
+        simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1), build, 5, steps_per_epoch=45, stepped_per_batch=True)
+    with pytest.raises(ConfigError, match=r"lr=-0.01 at epoch 3 \(step 140\)"):
+        simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1),
+                          lambda o: ExpressionLambdaLR(o, "(139 - step) / 10", steps_per_epoch=45, stepped_per_batch=True),
+                          5, steps_per_epoch=45, stepped_per_batch=True)
+
+
+def test_a_lambda_in_epoch_steps_sees_the_global_step_of_the_epoch_start():
+    scheduler = ExpressionLambdaLR(sgd(), "step / 1000", steps_per_epoch=45)
+    assert lrs_over(scheduler, 3) == pytest.approx([0.0, 0.1 * 0.045, 0.1 * 0.090])
+
+
+def test_absolute_mode_is_the_lr_itself_and_survives_a_weights_only_checkpoint():
+    scheduler = ExpressionLambdaLR(sgd(0.5), "0.01 * 0.5 ** epoch", mode="absolute")
+    assert lrs_over(scheduler, 3) == pytest.approx([0.01, 0.005, 0.0025], rel=1e-15)
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ExpressionLambdaLR(sgd(0.5), "1.0")
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.optimizer.param_groups[0]["lr"] = scheduler.optimizer.param_groups[0]["lr"]  # the optimizer's own state
+    assert restored.mode == "absolute" and lrs_over(restored, 2) == pytest.approx([0.00125, 0.000625], rel=1e-15)
+
+
+def test_an_unknown_lambda_mode_names_both():
+    with pytest.raises(ConfigError, match="scheduler.mode='keras': use factor .* or absolute"):
+        ExpressionLambdaLR(sgd(), "1.0", mode="keras")
+
+
+def test_compositions_refuse_what_torch_would_get_wrong():
+    from runner.schedules import sequential, warmup_cosine
+
+    with pytest.raises(ConfigError, match="warmup=10: the warm-up must be .* shorter than the run \\(10 scheduler steps\\)"):
+        warmup_cosine(sgd(), warmup=10, total_steps=10)
+    parts = [{"_target_": "torch.optim.lr_scheduler.ConstantLR"}, {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2}]
+    with pytest.raises(ConfigError, match="2 schedulers need 1 milestones, not 2"):
+        sequential(sgd(), parts, [2, 3])
+    with pytest.raises(ConfigError, match="milestones must be increasing"):
+        sequential(sgd(), [*parts, parts[0]], [3, 2])
+    with pytest.raises(ConfigError, match=r"scheduler.schedulers\[1\] \(torch.optim.lr_scheduler.StepLR\): unknown argument gama"):
+        sequential(sgd(), [parts[0], {**parts[1], "gama": 0.5}], [2])

@@ -146,8 +146,9 @@ def test_users_own_model_class(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_a_sweep_reports_a_bad_job_in_one_line_runs_the_others_and_exits_2(tmp_path):
-    result = run_runner("-m", "scheduler=step", "scheduler.step_size=0,2", "trainer.epochs=2", *QUIET, *tracked(tmp_path),
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])  # joblib: the bad job fails in another process
+def test_a_sweep_reports_a_bad_job_in_one_line_runs_the_others_and_exits_2(tmp_path, launcher):
+    result = run_runner("-m", f"hydra/launcher={launcher}", "scheduler=step", "scheduler.step_size=0,2", "trainer.epochs=2", *QUIET, *tracked(tmp_path),
                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

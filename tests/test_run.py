@@ -46,6 +46,8 @@ def torch_scheduler(optimizer: torch.optim.Optimizer, node: dict, total_steps: i
     if target == "sequential":
         return lr_scheduler.SequentialLR(optimizer, [torch_scheduler(optimizer, child, total_steps) for child in args["schedulers"]],
                                          args["milestones"])
+    if target == "chained":
+        return lr_scheduler.ChainedScheduler([torch_scheduler(optimizer, child, total_steps) for child in args["schedulers"]], optimizer)
     if target == "OneCycleLR":
         args["total_steps"] = total_steps
     return getattr(lr_scheduler, target)(optimizer, **args)

@@ -118,7 +118,7 @@ def test_cfg_job_prints_the_config_without_importing_torch_or_mlflow(tmp_path):
 def test_help_lists_the_config_groups(tmp_path):
     result = run_runner("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for group, options in {"optimizer": "adam, adamw, asgd, sgd", "scheduler": "constant, cosine, exponential, lambda, linear, multistep, step", "model": "cnn, linear, mlp, resnet18", "data": "cifar10, digits, fake, fashion_mnist, mnist, regression"}.items():
+    for group, options in {"optimizer": "adam, adamw, asgd, sgd", "scheduler": "chained, constant, cosine, cosine_restarts, exponential, lambda, linear, multistep, onecycle, plateau, sequential, step, warmup_cosine", "model": "cnn, linear, mlp, resnet18", "data": "cifar10, digits, fake, fashion_mnist, mnist, regression"}.items():
         assert f"{group}: {options}" in result.stdout, result.stdout
 
 

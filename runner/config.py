@@ -19,6 +19,9 @@ from runner.errors import ConfigError
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+PRECISIONS = ("32", "bf16", "16-mixed")
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 10
@@ -30,6 +33,8 @@ class TrainerConfig:
     num_workers: int = 0
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
+    precision: str = "32"  # 32 | bf16 (autocast) | 16-mixed (autocast to float16 + GradScaler)
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -82,6 +87,8 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.tracking.log_every_n_steps < 0:
         raise ConfigError(f"tracking.log_every_n_steps must be 0 (off) or more, got {cfg.tracking.log_every_n_steps}.")
+    if str(trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.precision}: use one of {', '.join(PRECISIONS)}.")
     lr = cfg.optimizer.get("lr")
     if lr is None or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a number above 0, got {lr!r}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoin
 from runner.config import check_settings
 from runner.data import make_batcher
 from runner.errors import ConfigError, RunnerError
+from runner.persist import Persister, snapshot
 from runner.resume import (
     RunRecord,
     adopt_run_dir,
@@ -84,6 +86,22 @@ def select_device(name: str) -> torch.device:
     return device
 
 
+def precision_settings(precision: str, device: torch.device) -> dict[str, Any]:
+    """Loop settings for trainer.precision: the autocast dtype, and a GradScaler for float16.
+
+    Raises:
+        ConfigError: bf16 on a GPU without bfloat16.
+    """
+    precision = str(precision)
+    if precision == "32":
+        return {}
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("trainer.precision=bf16 but this GPU has no bfloat16; use trainer.precision=16-mixed.")
+        return {"autocast_dtype": torch.bfloat16}
+    return {"autocast_dtype": torch.float16, "scaler": torch.amp.GradScaler(device.type)}
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -144,7 +162,7 @@ def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]]
         "scheduler": loop.scheduler.state_dict(),
         "progress": progress.state_dict(),
         "rng": capture_rng_state(),
-        "grad_scaler": None,
+        "grad_scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
         "history": history,
         "lr_steps": lr_steps,  # per-step LRs of finished epochs (tracking.log_every_n_steps)
         "best_val_loss": min(val_losses, default=None),
@@ -167,6 +185,8 @@ def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device
         loop.model.load_state_dict(bundle["model"])
         loop.optimizer.load_state_dict(bundle["optimizer"])
         loop.scheduler.load_state_dict(bundle["scheduler"])  # holds last_epoch and base LRs: no initial_lr pitfall
+        if loop.scaler is not None and bundle.get("grad_scaler"):
+            loop.scaler.load_state_dict(bundle["grad_scaler"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path} does not fit this config's model/optimizer/scheduler: {str(err).splitlines()[0]}") from None
     restore_rng_state(bundle["rng"])
@@ -204,6 +224,8 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         classification=built.data.is_classification,
         epochs=trainer.epochs,
         progress_bar=trainer.progress_bar,
+        **precision_settings(trainer.precision, device),
+        forward=torch.compile(built.model) if trainer.compile else None,
         scheduler_per_batch=built.plan.stepped_per_batch,
         monitor=built.plan.monitor,
         log_lr_every=cfg.tracking.log_every_n_steps,
@@ -232,19 +254,14 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     tracker.log_series("lr_step", lr_steps)
     log.info(f"training on {device} in {record.run_dir}; MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
 
-    def on_epoch_end(result: EpochResult) -> None:
-        metrics = epoch_metrics(result)
-        history.append(metrics)
-        lr_steps.update(result.lr_steps)
-        if progress.epoch % trainer.checkpoint_every == 0 or progress.epoch == loop.epochs:
-            save_checkpoint(record.run_dir, state_bundle(loop, progress, history, lr_steps, record, config), trainer.keep_checkpoints)
-        tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
-        tracker.log_series("lr_step", result.lr_steps)
-
+    persister = Persister()
+    on_epoch_end = persist_each_epoch(loop, progress, history, lr_steps, record, config, tracker, persister, trainer)
     stop = StopFlag().install()
     try:
         completed = train(loop, progress, on_epoch_end, stop)
+        persister.close()  # every epoch written and logged before the run is called stopped or finished
     except BaseException as err:
+        _close_quietly(persister)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
@@ -260,6 +277,39 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     record.save()
     tracker.finish("FINISHED")
     return record.final_val_loss
+
+
+def persist_each_epoch(loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float],
+                       record: RunRecord, config: dict[str, Any], tracker: Tracker, persister: Persister,
+                       trainer: DictConfig) -> Callable[[EpochResult], None]:
+    """The end of each epoch: record its metrics, snapshot the state when a checkpoint is due, and hand the
+    checkpoint write and then the MLflow logging to the persist thread."""
+
+    def on_epoch_end(result: EpochResult) -> None:
+        metrics = epoch_metrics(result)
+        history.append(metrics)
+        lr_steps.update(result.lr_steps)
+        bundle = None
+        if progress.epoch % trainer.checkpoint_every == 0 or progress.epoch == loop.epochs:
+            bundle = snapshot(state_bundle(loop, progress, history, lr_steps, record, config))
+
+        def persist() -> None:  # on the persist thread, epoch after epoch
+            if bundle is not None:
+                save_checkpoint(record.run_dir, bundle, trainer.keep_checkpoints)
+            tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
+            tracker.log_series("lr_step", result.lr_steps)
+
+        persister.submit(persist)
+
+    return on_epoch_end
+
+
+def _close_quietly(persister: Persister) -> None:
+    """Let the persist thread finish what it has while another error is on its way up; that error is the one to report."""
+    try:
+        persister.close()
+    except Exception as err:  # noqa: BLE001
+        log.warning(f"while stopping on an error, writing a checkpoint or logging also failed: {err}")
 
 
 def _load_start_checkpoint(start: Start, record: RunRecord) -> tuple[Path, dict[str, Any]] | None:

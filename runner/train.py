@@ -53,14 +53,25 @@ class Loop:
     classification: bool
     epochs: int
     progress_bar: bool = True
+    autocast_dtype: torch.dtype | None = None  # bf16 / 16-mixed precision
+    scaler: torch.amp.GradScaler | None = None  # 16-mixed: scales the loss so float16 gradients do not underflow
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the compiled model, when trainer.compile
     scheduler_per_batch: bool = False  # scheduler.interval=step
     monitor: str | None = None  # the metric ReduceLROnPlateau steps on
     log_lr_every: int = 0  # record the LR every this many global steps (0: never)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        outputs = outputs.float()  # the loss in float32 under autocast too
         if self.classification:
             return F.cross_entropy(outputs, targets)
         return F.mse_loss(outputs, targets)
+
+    def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        forward = self.forward or self.model
+        if self.autocast_dtype is None:
+            return forward(inputs)  # no autocast context at all at full precision: it costs per step
+        with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
+            return forward(inputs)
 
 
 @dataclass
@@ -121,9 +132,14 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int],
             if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
                 progress.lr_steps[progress.global_step] = float(loop.optimizer.param_groups[0]["lr"])  # a Python float: no sync
             loop.optimizer.zero_grad(set_to_none=True)
-            loss = loop.loss(loop.model(inputs), targets)
-            loss.backward()
-            loop.optimizer.step()
+            loss = loop.loss(loop.outputs(inputs), targets)
+            if loop.scaler is None:
+                loss.backward()
+                loop.optimizer.step()
+            else:
+                loop.scaler.scale(loss).backward()
+                loop.scaler.step(loop.optimizer)  # skipped when the scaled gradients overflowed
+                loop.scaler.update()
             if loop.scheduler_per_batch:
                 loop.scheduler.step()
             progress.loss_sum.add_(loss.detach(), alpha=len(targets))  # one kernel, no host sync
@@ -148,7 +164,7 @@ def evaluate(loop: Loop) -> dict[str, float]:
     correct = torch.zeros((), device=device, dtype=torch.long)
     samples = 0
     for inputs, targets in loop.val_batches.epoch(0):
-        outputs = loop.model(inputs)
+        outputs = loop.outputs(inputs).float()
         loss_sum += loop.loss(outputs, targets) * len(targets)
         if loop.classification:
             correct += (outputs.argmax(dim=1) == targets).sum()

@@ -1,0 +1,52 @@
+"""The persist thread: jobs run in order, off the caller's thread; a failure reaches the caller; snapshots are copies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from runner.persist import Persister, snapshot
+
+
+def test_jobs_run_in_order_on_another_thread_and_flush_waits_for_them():
+    done, threads = [], set()
+    persister = Persister()
+    for i in range(5):
+        def job(i=i):
+            time.sleep(0.01)
+            threads.add(threading.current_thread().name)
+            done.append(i)
+        persister.submit(job)
+    persister.flush()
+    assert done == [0, 1, 2, 3, 4] and threads == {"runner-persist"}
+    persister.close()
+
+
+def test_a_failure_is_raised_in_the_caller_and_later_jobs_are_skipped():
+    done = []
+    persister = Persister()
+    persister.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    persister.submit(lambda: done.append("after"))
+    with pytest.raises(OSError, match="disk full"):
+        persister.flush()
+    persister.submit(lambda: done.append("later"))
+    persister.close()
+    assert done == [], "nothing is logged after an epoch that was not written"
+
+
+def test_a_snapshot_does_not_change_when_training_goes_on():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": [{"lr": 0.1}]})
+    before = {k: v.clone() for k, v in state["model"].items()}
+    exp_avg = state["optimizer"]["state"][0]["exp_avg"].clone()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(state["model"][k], before[k]) for k in before)
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert not torch.equal(model.weight, state["model"]["weight"])

@@ -130,7 +130,7 @@ def persistence_cost(repeats: int, block: int = 10) -> dict:
         def run_block(persist: bool) -> float:
             progress, history, lr_steps = Progress(), [], {}
             if persist:
-                tracker, persister = Tracker(uri, "bench", "bench"), Persister()  # a fresh MLflow run: every step is new
+                tracker, persister = Tracker(uri, "bench", "bench").open(), Persister()  # a fresh MLflow run: every step is new
                 on_epoch_end = persist_each_epoch(loop, progress, history, lr_steps, record, config, tracker, persister, cfg.trainer)
             start = time.perf_counter()
             train(loop, progress, on_epoch_end if persist else lambda result: None)
@@ -142,7 +142,7 @@ def persistence_cost(repeats: int, block: int = 10) -> dict:
             w, wo = run_block(True), run_block(False)
             if repeat:
                 with_times.append(w), without_times.append(wo)
-        tracker, progress = Tracker(uri, "bench", "sync"), Progress(epoch=1)
+        tracker, progress = Tracker(uri, "bench", "sync").open(), Progress(epoch=1)
         for epoch in range(repeats):
             checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], {}, record, config), keep=2)))
             mlflow_times.append(timed(lambda: tracker.log_metrics({"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}, epoch)))

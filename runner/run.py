@@ -31,7 +31,7 @@ from runner.resume import (
     split_settings,
 )
 from runner.signals import EXIT_STOPPED, StopFlag
-from runner.tracking import Tracker, check_server, flatten, git_commit
+from runner.tracking import Tracker, check_store_reachable, flatten, git_commit
 from runner.train import EpochResult, Loop, Progress, train
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device
 def run(cfg: DictConfig, context: RunContext) -> float | None:
     """Train the configured model, or continue it, and return the final validation loss."""
     check_settings(cfg)
-    if str(cfg.tracking.uri).startswith(("http://", "https://")):
-        check_server(cfg.tracking.uri)  # seconds, not minutes of MLflow's retries after the data has loaded
+    check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
     config = OmegaConf.to_container(cfg, resolve=True)
     settings, operational = split_settings(flatten(config))
     fingerprint = config_fingerprint(settings)
@@ -240,21 +239,31 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         log.info(f"resuming {record.run_dir} from {path.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
                  f"batch {progress.batch} of {len(loop.train_batches)}")
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name, run_id=record.mlflow_run_id)
-    record.mlflow_run_id = tracker.run_id
     record.save()
-    if not tracker.resumed:
-        resolved_path = record.run_dir / "resolved_config.yaml"
-        OmegaConf.save(config, resolved_path)
-        tracker.log_params(settings)
-        tracker.log_artifact(resolved_path)
-    tracker.set_tags(_tags(context, record, device, operational, start))
-    for step, metrics in enumerate(history):  # epochs checkpointed but not yet logged when the last launch died
-        tracker.log_metrics(metrics, step)
-    tracker.log_series("lr_step", lr_steps)
-    log.info(f"training on {device} in {record.run_dir}; MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+    resolved_path = record.run_dir / "resolved_config.yaml"
+    OmegaConf.save(config, resolved_path)
+    tags = _tags(context, record, device, operational, start)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name)
+    logged_before = list(history), dict(lr_steps)  # the loop appends to both while MLflow opens
 
+    def open_tracking() -> None:
+        """MLflow opens on the persist thread, while the first steps run: importing it and opening its store take
+        seconds. Its first job, so every checkpoint and metric comes after it."""
+        tracker.open(run_id=record.mlflow_run_id)
+        record.mlflow_run_id = tracker.run_id
+        record.save()
+        if not tracker.resumed:
+            tracker.log_params(settings)
+            tracker.log_artifact(resolved_path)
+        tracker.set_tags(tags)
+        for step, metrics in enumerate(logged_before[0]):  # epochs checkpointed but not logged when the last launch died
+            tracker.log_metrics(metrics, step)
+        tracker.log_series("lr_step", logged_before[1])
+        log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+
+    log.info(f"training on {device} in {record.run_dir}")
     persister = Persister()
+    persister.submit(open_tracking)
     on_epoch_end = persist_each_epoch(loop, progress, history, lr_steps, record, config, tracker, persister, trainer)
     stop = StopFlag().install()
     try:
@@ -262,7 +271,8 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         persister.close()  # every epoch written and logged before the run is called stopped or finished
     except BaseException as err:
         _close_quietly(persister)
-        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if tracker.opened:
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         stop.uninstall()
@@ -295,6 +305,7 @@ def persist_each_epoch(loop: Loop, progress: Progress, history: list[dict[str, f
 
         def persist() -> None:  # on the persist thread, epoch after epoch
             if bundle is not None:
+                bundle["mlflow_run_id"] = record.mlflow_run_id  # known by now: opening MLflow was the first job
                 save_checkpoint(record.run_dir, bundle, trainer.keep_checkpoints)
             tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
             tracker.log_series("lr_step", result.lr_steps)

@@ -42,6 +42,22 @@ def git_commit(directory: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def check_store_reachable(uri: str | None) -> None:
+    """The cheap checks, before anything is built: an http(s) server answers, a SQLite file's folder exists.
+
+    Raises:
+        ConfigError: in one line naming the URI.
+    """
+    if uri is None:
+        return
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={uri!r}: the folder {folder} does not exist; create it or point tracking.uri elsewhere.")
+
+
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """Fail in one line, at once, when nothing answers at an http(s) tracking URI.
 
@@ -119,16 +135,26 @@ class Tracker:
     that are trained again after a restart from an older checkpoint are not logged twice.
     """
 
-    def __init__(self, uri: str | None, experiment: str, run_name: str, run_id: str | None = None):
-        self.client, experiment_id = open_experiment(uri, experiment)
-        self.uri = self.client.tracking_uri
+    def __init__(self, uri: str | None, experiment: str, run_name: str):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.run_id: str | None = None
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
+
+    @property
+    def opened(self) -> bool:
+        return self.run_id is not None
+
+    def open(self, run_id: str | None = None) -> Tracker:
+        """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened."""
+        self.client, experiment_id = open_experiment(self.uri, self.experiment)
+        self.uri = self.client.tracking_uri
         with _store_errors(self.uri):
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+                self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
+        return self
 
     def _reattach(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

@@ -156,3 +156,12 @@ def test_a_sweep_reports_a_bad_job_in_one_line_runs_the_others_and_exits_2(tmp_p
     assert "1 job(s) failed: scheduler=step,scheduler.step_size=0" in result.stderr
     client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "e2e")
     assert logged.info.run_name.startswith("scheduler=step,scheduler.step_size=2")
+
+
+def test_a_sqlite_store_in_a_missing_folder_is_one_line_before_training(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"
+    result = run_runner(f"tracking.uri={uri}", *QUIET, cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"the folder {tmp_path / 'nowhere'} does not exist" in errors[0], result.stderr
+    assert "epoch 1/" not in result.stderr

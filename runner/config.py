@@ -32,6 +32,7 @@ class TrainerConfig:
     progress_bar: bool = True
     num_workers: int = 0
     checkpoint_every: int = 1
+    checkpoint_min_seconds: float = 1.0
     keep_checkpoints: int = 2
     precision: str = "32"  # 32 | bf16 (autocast) | 16-mixed (autocast to float16 + GradScaler)
     compile: bool = False  # torch.compile the model
@@ -77,6 +78,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.batch_size must be at least 1, got {trainer.batch_size}.")
     if trainer.checkpoint_every < 1:
         raise ConfigError(f"trainer.checkpoint_every must be at least 1 (epochs), got {trainer.checkpoint_every}.")
+    if trainer.checkpoint_min_seconds < 0:
+        raise ConfigError(f"trainer.checkpoint_min_seconds must be 0 (every checkpoint_every epochs) or more, got {trainer.checkpoint_min_seconds}.")
     if trainer.keep_checkpoints < 1:
         raise ConfigError(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}.")
     if trainer.num_workers < 0:

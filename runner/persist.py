@@ -1,10 +1,7 @@
-"""Checkpoint writes and MLflow logging off the training thread, one epoch after another, in order.
+"""MLflow off the training thread: opening it (seconds of imports and store set-up) and logging each epoch.
 
-At the end of an epoch the training thread takes a snapshot of the state (tensors copied, so training can go
-on changing them) and hands the epoch to one background thread, which writes the checkpoint and only then
-logs the epoch's metrics. So, as before, MLflow never holds an epoch that no checkpoint holds, and a restart
-re-logs, never loses. An error there (a full disk, a lost tracking server) stops training at the next epoch
-end, with the error of the background thread.
+Jobs run in order on one background thread while training goes on. An error there (a lost tracking server)
+stops training at the next epoch end, with that error.
 """
 
 from __future__ import annotations
@@ -12,33 +9,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
-
-import torch
-
-# Epochs waiting to be written at most: beyond that the training thread waits, so memory stays bounded when
-# writes are slower than epochs.
-MAX_PENDING = 2
-
-
-def snapshot(value: Any) -> Any:
-    """A copy of a state bundle that later training steps cannot change: tensors are copied to CPU memory."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: snapshot(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [snapshot(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(snapshot(item) for item in value)
-    return value  # numbers, strings, None: immutable
 
 
 class Persister:
     """One background thread running submitted jobs in order; ``flush`` waits for them and re-raises a failure."""
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=MAX_PENDING)
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()  # small jobs: no bound needed
         self._error: BaseException | None = None  # the failure not yet raised in the training thread
         self._failed = False  # after a failure, later jobs are skipped: no epoch is logged over a missing one
         self._thread = threading.Thread(target=self._work, name="runner-persist", daemon=True)

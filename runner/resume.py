@@ -33,6 +33,7 @@ OPERATIONAL_KEYS = (
     "trainer.progress_bar",
     "trainer.num_workers",
     "trainer.checkpoint_every",
+    "trainer.checkpoint_min_seconds",
     "trainer.keep_checkpoints",
 )
 

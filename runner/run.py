@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoin
 from runner.config import check_settings
 from runner.data import make_batcher
 from runner.errors import ConfigError, RunnerError
-from runner.persist import Persister, snapshot
+from runner.persist import Persister
 from runner.resume import (
     RunRecord,
     adopt_run_dir,
@@ -256,19 +256,19 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
             tracker.log_params(settings)
             tracker.log_artifact(resolved_path)
         tracker.set_tags(tags)
-        for step, metrics in enumerate(logged_before[0]):  # epochs checkpointed but not logged when the last launch died
-            tracker.log_metrics(metrics, step)
+        tracker.log_epochs(list(enumerate(logged_before[0])))  # epochs checkpointed but not logged when the last launch died
         tracker.log_series("lr_step", logged_before[1])
         log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
 
     log.info(f"training on {device} in {record.run_dir}")
     persister = Persister()
     persister.submit(open_tracking)
-    on_epoch_end = persist_each_epoch(loop, progress, history, lr_steps, record, config, tracker, persister, trainer)
+    on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, trainer)
     stop = StopFlag().install()
     try:
         completed = train(loop, progress, on_epoch_end, stop)
-        persister.close()  # every epoch written and logged before the run is called stopped or finished
+        path = None if completed else on_epoch_end.checkpoint()
+        persister.close()  # every epoch logged before the run is called stopped or finished
     except BaseException as err:
         _close_quietly(persister)
         if tracker.opened:
@@ -277,8 +277,6 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     finally:
         stop.uninstall()
     if not completed:
-        path = save_checkpoint(record.run_dir, state_bundle(loop, progress, history, lr_steps, record, config), trainer.keep_checkpoints)
-        tracker.log_series("lr_step", progress.lr_steps)  # the stopped epoch's part; its checkpoint holds them too
         tracker.finish("KILLED")
         stop.hand_over()  # e.g. submitit requeues the job and exits here
         raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
@@ -289,30 +287,48 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     return record.final_val_loss
 
 
-def persist_each_epoch(loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float],
-                       record: RunRecord, config: dict[str, Any], tracker: Tracker, persister: Persister,
-                       trainer: DictConfig) -> Callable[[EpochResult], None]:
-    """The end of each epoch: record its metrics, snapshot the state when a checkpoint is due, and hand the
-    checkpoint write and then the MLflow logging to the persist thread."""
+class EpochPersistence:
+    """The end of each epoch: record its metrics and, when a checkpoint is due, write it, then hand the MLflow
+    logging of every epoch since the last checkpoint to the persist thread.
 
-    def on_epoch_end(result: EpochResult) -> None:
+    A checkpoint is due every ``trainer.checkpoint_every`` epochs, but not sooner than
+    ``trainer.checkpoint_min_seconds`` after the last one (and always after the last epoch): a 15 ms epoch would
+    otherwise spend a fifth of its time writing. Checkpoints are written here, on the training thread, so one is
+    on disk when the epoch ends; MLflow, slow to open and to write to, logs on the persist thread, and only
+    epochs a checkpoint already holds, so it never shows an epoch a restart would train again.
+    """
+
+    def __init__(self, loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float],
+                 record: RunRecord, config: dict[str, Any], tracker: Tracker, persister: Persister, trainer: DictConfig):
+        self.loop, self.progress, self.history, self.lr_steps = loop, progress, history, lr_steps
+        self.record, self.config, self.tracker, self.persister, self.trainer = record, config, tracker, persister, trainer
+        self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
+        self.last_checkpoint = time.monotonic()
+
+    def __call__(self, result: EpochResult) -> None:
         metrics = epoch_metrics(result)
-        history.append(metrics)
-        lr_steps.update(result.lr_steps)
-        bundle = None
-        if progress.epoch % trainer.checkpoint_every == 0 or progress.epoch == loop.epochs:
-            bundle = snapshot(state_bundle(loop, progress, history, lr_steps, record, config))
+        self.history.append(metrics)
+        self.lr_steps.update(result.lr_steps)
+        self.unlogged.append((result.epoch, metrics, result.lr_steps))
+        epoch, trainer = self.progress.epoch, self.trainer
+        due = epoch % trainer.checkpoint_every == 0 and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
+        if due or epoch == self.loop.epochs:
+            self.checkpoint()
 
-        def persist() -> None:  # on the persist thread, epoch after epoch
-            if bundle is not None:
-                bundle["mlflow_run_id"] = record.mlflow_run_id  # known by now: opening MLflow was the first job
-                save_checkpoint(record.run_dir, bundle, trainer.keep_checkpoints)
-            tracker.log_metrics(metrics, step=result.epoch)  # after the checkpoint: a restart re-logs, never loses
-            tracker.log_series("lr_step", result.lr_steps)
+    def checkpoint(self) -> Path:
+        """Write a checkpoint of where training stands, then have the epochs it holds logged."""
+        path = save_checkpoint(self.record.run_dir, state_bundle(self.loop, self.progress, self.history, self.lr_steps,
+                                                                 self.record, self.config), self.trainer.keep_checkpoints)
+        self.last_checkpoint = time.monotonic()
+        epochs, self.unlogged = self.unlogged, []
+        partial = dict(self.progress.lr_steps)  # a stopped epoch's steps so far; its checkpoint holds them too
+        self.persister.submit(lambda: self.log(epochs, partial))
+        return path
 
-        persister.submit(persist)
-
-    return on_epoch_end
+    def log(self, epochs: list[tuple[int, dict[str, float], dict[int, float]]], partial: dict[int, float]) -> None:
+        self.tracker.log_epochs([(epoch, metrics) for epoch, metrics, _ in epochs])
+        steps = {step: lr for _, _, epoch_steps in epochs for step, lr in epoch_steps.items()}
+        self.tracker.log_series("lr_step", {**steps, **partial})
 
 
 def _close_quietly(persister: Persister) -> None:

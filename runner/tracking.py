@@ -186,14 +186,19 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the metrics of one step, leaving out any (key, step) MLflow already holds."""
+        self.log_epochs([(step, metrics)])
+
+    def log_epochs(self, entries: list[tuple[int, dict[str, float]]]) -> None:
+        """Log (step, metrics) pairs in as few requests as MLflow allows, leaving out (key, step)s it already holds."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(key, float(value), now, step) for key, value in metrics.items() if step not in self.logged.get(key, ())]
-        if fresh:
-            self.client.log_batch(self.run_id, metrics=fresh)
-            for metric in fresh:
-                self.logged.setdefault(metric.key, set()).add(step)
+        fresh = [Metric(key, float(value), now, step) for step, metrics in entries for key, value in metrics.items()
+                 if step not in self.logged.get(key, ())]
+        for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
+        for metric in fresh:
+            self.logged.setdefault(metric.key, set()).add(metric.step)
 
     def log_series(self, key: str, values: dict[int, float]) -> None:
         """Log one metric at many steps (the per-step LR), leaving out steps MLflow already holds."""

@@ -23,7 +23,7 @@ SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
 OPTIMIZERS = ["sgd", "adam", "asgd"]
 EPOCHS = 4  # digits: 45 batches of 32 per epoch, so step 70 is mid-epoch 2 and step 100 mid-epoch 3
 BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
-        "optimizer.lr=0.05", "tracking.log_every_n_steps=5"]
+        "optimizer.lr=0.05", "tracking.log_every_n_steps=5", "trainer.checkpoint_min_seconds=0"]  # a checkpoint every epoch
 
 
 # Settings that make each schedule change within EPOCHS epochs (ReduceLROnPlateau: only >50% improvements count).
@@ -322,3 +322,22 @@ def test_a_fixed_run_directory_resumes_its_own_run_and_refuses_another_config(tm
     assert "resuming" in resumed.stderr and "epoch 2/4, batch 25 of 45" in resumed.stderr
     client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_throttled_checkpoints_still_log_every_epoch_once_and_resume_exactly(tmp_path, references):
+    """With checkpoints at most once a minute, a stop mid-epoch 3 writes the only checkpoint, and only then are
+    epochs 1 and 2 logged; the resumed run still ends where the uninterrupted one does."""
+    slow = ["trainer.checkpoint_min_seconds=60", *pair_overrides("sgd", "constant")]
+    stopped = launch(tmp_path, *slow, fault="SIGTERM:100")
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-2000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002-step-00000100.pt"]
+    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert sorted(m.step for m in client.get_metric_history(logged.info.run_id, "val_loss")) == [0, 1]
+
+    resumed = launch(tmp_path, *slow)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == f"epoch-{EPOCHS:04d}-step-{EPOCHS * 45:08d}.pt"
+    assert_same_result(final_bundle(run_dir), references["sgd", "constant"])
+    assert_mlflow_history_exact(tmp_path, references["sgd", "constant"])

@@ -61,7 +61,7 @@ def free_port() -> int:
 def test_interrupted_sweep_resumes_unfinished_jobs_and_skips_finished_ones(tmp_path):
     uri, tracking = store(tmp_path)
     epochs = 100
-    args = ["-m", "scheduler=constant,linear,cosine", f"trainer.epochs={epochs}", *QUIET, *tracking]
+    args = ["-m", "scheduler=constant,linear,cosine", f"trainer.epochs={epochs}", "trainer.checkpoint_min_seconds=0", *QUIET, *tracking]
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     sweep = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -265,7 +265,7 @@ def test_submitit_requeues_a_signalled_job_which_resumes_from_its_checkpoint(tmp
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     sweep = subprocess.Popen(
         [sys.executable, "-m", "runner", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         f"trainer.epochs={epochs}", *QUIET, *tracking],
+         f"trainer.epochs={epochs}", "trainer.checkpoint_min_seconds=0", *QUIET, *tracking],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     wait_for(lambda: 0 in job_dirs(tmp_path) and any((job_dirs(tmp_path)[0] / "checkpoints").glob("*.pt")), 180, "the first checkpoint")

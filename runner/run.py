@@ -248,7 +248,7 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
 
     def open_tracking() -> None:
         """MLflow opens on the persist thread, while the first steps run: importing it and opening its store take
-        seconds. Its first job, so every checkpoint and metric comes after it."""
+        seconds. It is that thread's first job, so every metric is logged after it."""
         tracker.open(run_id=record.mlflow_run_id)
         record.mlflow_run_id = tracker.run_id
         record.save()

@@ -202,8 +202,7 @@ def build_schedule(cfg: DictConfig, plan: SchedulePlan):
 
 def check_schedule(cfg: DictConfig, plan: SchedulePlan, step_lrs: list[float] | None = None) -> list[list[float]]:
     """Build the optimizer and scheduler on a throw-away parameter and run the whole schedule; return epoch LRs
-    (and append group 0's LR at every scheduler step to ``step_lrs``)."""
-    check_scheduler_arguments(resolve_target("scheduler", cfg.scheduler), constructor_kwargs(cfg.scheduler, "scheduler"))
+    (and append group 0's LR at every scheduler step to ``step_lrs``). ``check_before_data`` comes first."""
     make_optimizer, make_scheduler = build_schedule(cfg, plan)
     return simulate_schedule(make_optimizer, make_scheduler, plan.epochs, plan.steps_per_epoch, plan.stepped_per_batch, step_lrs)
 

@@ -114,12 +114,15 @@ def read_curves(client, run) -> RunCurves:
     return result
 
 
+def distinguishing_overrides(override_lists: list[list[str]]) -> list[str]:
+    """For each list, the overrides that set it apart, joined ("" when none): those all share say nothing in a legend."""
+    shared = set.intersection(*(set(overrides) for overrides in override_lists)) if override_lists else set()
+    return [" ".join(o for o in overrides if o not in shared) for overrides in override_lists]
+
+
 def label_runs(runs: list[RunCurves]) -> None:
-    """Label each run by the overrides that set it apart; those all runs share say nothing in a legend."""
-    shared = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
-    for run in runs:
-        own = [o for o in run.overrides if o not in shared]
-        run.label = " ".join(own) or run.name
+    for run, own in zip(runs, distinguishing_overrides([r.overrides for r in runs])):
+        run.label = own or run.name
 
 
 def rank(runs: list[RunCurves], sort_key: str) -> list[RunCurves]:

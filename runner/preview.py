@@ -89,9 +89,10 @@ def preview(overrides: list[str], steps_per_epoch: int | None) -> Preview:
 
 
 def label_previews(previews: list[Preview]) -> None:
-    shared = set.intersection(*(set(p.overrides) for p in previews))
-    for p in previews:
-        p.label = (" ".join(o for o in p.overrides if o not in shared) or " ".join(p.overrides) or "defaults") + p.note
+    from runner.compare import distinguishing_overrides
+
+    for p, own in zip(previews, distinguishing_overrides([p.overrides for p in previews])):
+        p.label = (own or " ".join(p.overrides) or "defaults") + p.note
 
 
 def table(previews: list[Preview]) -> str:

@@ -91,10 +91,10 @@ def _store_errors(uri: str | None):
 
 
 def open_client(uri: str | None):
-    """An MlflowClient for ``uri`` (None: MLflow's default), after checking a server answers there.
+    """An MlflowClient for ``uri`` (None: MLflow's default), after the cheap checks of ``check_store_reachable``.
 
     Raises:
-        ConfigError: nothing answers at an http(s) URI.
+        ConfigError: nothing answers at an http(s) URI, or a SQLite file's folder does not exist.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -103,8 +103,7 @@ def open_client(uri: str | None):
     for noisy in ("alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)
+    check_store_reachable(uri)
     with _store_errors(uri):
         return MlflowClient(tracking_uri=uri)
 
@@ -202,14 +201,7 @@ class Tracker:
 
     def log_series(self, key: str, values: dict[int, float]) -> None:
         """Log one metric at many steps (the per-step LR), leaving out steps MLflow already holds."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        done = self.logged.setdefault(key, set())
-        fresh = [Metric(key, float(value), now, step) for step, value in sorted(values.items()) if step not in done]
-        for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
-        done.update(m.step for m in fresh)
+        self.log_epochs([(step, {key: value}) for step, value in sorted(values.items())])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config import register_schemas
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
 from runner.sweep import SWEEP_ID_ENV, failed_jobs, record_failed_job
 
 log = logging.getLogger("runner")
@@ -38,16 +38,27 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg, context)
     except Stopped as err:
-        log.warning(str(err))
+        if not reported_by_another_rank(err):
+            log.warning(str(err))
         sys.exit(err.exit_code)  # in a sweep too: the scheduler is stopping the whole job
     except RunnerError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error(f"error: {err}")
+        if not reported_by_another_rank(err):
+            log.error(f"error: {err}")
         if multirun:
             record_failed_job(Path(hydra_cfg.sweep.dir), context.run_name)
             return None
         sys.exit(err.exit_code)
+
+
+def reported_by_another_rank(err: RunnerError) -> bool:
+    """Under torchrun every rank meets a bad setting, or a stop, alike: rank 0 reports it once for all."""
+    from runner.run import Stopped
+
+    if os.environ.get("RANK", "0") == "0":
+        return False
+    return getattr(err, "reported_by_rank_zero", False) or isinstance(err, ConfigError | Stopped)
 
 
 def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:

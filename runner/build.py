@@ -9,7 +9,6 @@ hyper-parameters.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from runner.data import DataSplits
+from runner.data import DataSplits, steps_per_epoch
 from runner.errors import ConfigError, RunnerError
 from runner.schedules import check_lambda_mode, check_scheduler_arguments, simulate_schedule
 
@@ -217,7 +216,7 @@ def check_before_data(cfg: DictConfig) -> None:
     build_node("optimizer", cfg.optimizer, params=[torch.zeros(1, requires_grad=True)])
 
 
-def build_everything(cfg: DictConfig, device: torch.device) -> Built:
+def build_everything(cfg: DictConfig, device: torch.device, world_size: int = 1) -> Built:
     """Build data, model, optimizer and scheduler, and run the schedule through every epoch (and step) first.
 
     Optimizer and scheduler settings are checked before the data loads, so their errors come at once; the
@@ -225,7 +224,7 @@ def build_everything(cfg: DictConfig, device: torch.device) -> Built:
     """
     check_before_data(cfg)
     data: DataSplits = build_node("data", cfg.data, seed=cfg.trainer.seed)
-    plan = schedule_plan(cfg, math.ceil(len(data.train) / cfg.trainer.batch_size), data.is_classification)
+    plan = schedule_plan(cfg, steps_per_epoch(len(data.train), cfg.trainer.batch_size, world_size), data.is_classification)
     check_schedule(cfg, plan)  # a NaN, negative or failing LR at some epoch fails here, not mid-run
     num_outputs = data.num_classes if data.is_classification else 1
     model = build_node("model", cfg.model, input_shape=data.input_shape, num_outputs=num_outputs).to(device)

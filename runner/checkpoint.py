@@ -122,23 +122,23 @@ def load_newest_valid(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python's, NumPy's, torch's CPU and every CUDA device's RNG state, as tensors and plain values."""
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Python's, NumPy's and torch's CPU RNG state, and the training GPU's, as tensors and plain values."""
     import random
 
     import numpy as np
 
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
+    return {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only this process's GPU: under DDP each rank has its own, and touching the others would start CUDA on them.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
-    return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     import random
 
     import numpy as np
@@ -148,5 +148,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"][: torch.cuda.device_count()]])
+    cuda = state["cuda"]
+    if isinstance(cuda, torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+    elif isinstance(cuda, list) and cuda and torch.cuda.is_available():  # older checkpoints held every device's state
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[: torch.cuda.device_count()]])

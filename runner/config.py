@@ -7,6 +7,7 @@ in :mod:`runner.build`. This module must not import torch: ``python -m runner --
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,10 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 PRECISIONS = ("32", "bf16", "16-mixed")
+STRATEGIES = ("auto", "ddp", "single")
+BACKENDS = ("auto", "nccl", "gloo")
+# What torchrun (or any launcher of torch.distributed's env:// kind) gives each process it starts.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -36,6 +41,8 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     precision: str = "32"  # 32 | bf16 (autocast) | 16-mixed (autocast to float16 + GradScaler)
     compile: bool = False  # torch.compile the model
+    strategy: str = "auto"  # auto (DDP when started by torchrun) | ddp | single
+    backend: str = "auto"  # DDP's process group: auto (NCCL on CUDA, Gloo on the CPU) | nccl | gloo
 
 
 @dataclass
@@ -65,6 +72,31 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="runner_schema", node=RunnerConfig)
 
 
+def torchrun_world_size() -> int | None:
+    """The number of processes torchrun started, or None when this process was not started by it."""
+    if all(key in os.environ for key in TORCHRUN_ENV):
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def check_strategy(trainer: DictConfig) -> None:
+    """Refuse a strategy that does not fit how this process was started, and a batch that does not split."""
+    if trainer.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={trainer.strategy}: use one of {', '.join(STRATEGIES)}.")
+    if trainer.backend not in BACKENDS:
+        raise ConfigError(f"trainer.backend={trainer.backend}: use one of {', '.join(BACKENDS)}.")
+    world_size = torchrun_world_size()
+    if trainer.strategy == "ddp" and world_size is None:
+        raise ConfigError("trainer.strategy=ddp needs the processes torchrun starts; launch with "
+                          "`torchrun --nproc_per_node=N -m runner trainer.strategy=ddp ...`, or use trainer.strategy=auto for one process.")
+    if trainer.strategy == "single" and (world_size or 1) > 1:
+        raise ConfigError(f"trainer.strategy=single, but torchrun started {world_size} processes, which would each train the "
+                          f"same run; use trainer.strategy=ddp (or auto), or start one process.")
+    if world_size and trainer.strategy != "single" and trainer.batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={trainer.batch_size} is the global batch and must split evenly over the "
+                          f"{world_size} processes; use a multiple of {world_size}.")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Refuse impossible plain settings before anything is built.
 
@@ -92,6 +124,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.log_every_n_steps must be 0 (off) or more, got {cfg.tracking.log_every_n_steps}.")
     if str(trainer.precision) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.precision}: use one of {', '.join(PRECISIONS)}.")
+    check_strategy(trainer)
     lr = cfg.optimizer.get("lr")
     if lr is None or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a number above 0, got {lr!r}.")

@@ -3,7 +3,8 @@
 Data that fits in memory comes back as a ``TensorDataset`` and is batched by indexing tensors that already
 sit on the training device; anything else goes through a DataLoader with workers and pinned memory. Both
 shuffle with a permutation derived from (seed, epoch) alone, so any epoch's order can be reproduced, and
-both can start an epoch part-way through (for resuming mid-epoch).
+both can start an epoch part-way through (for resuming mid-epoch). Under DDP each rank takes its shard of that
+order the way torch's DistributedSampler cuts it, so the shards together are the epoch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     return torch.randperm(size, generator=generator)
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
+    """This rank's part of an epoch's order, cut as DistributedSampler cuts it: every world_size-th index from
+    ``rank``, after (for training, ``pad``) repeating the first indices until the order splits evenly, so that
+    every rank takes the same number of steps. Evaluation is not padded: each sample counts once."""
+    if world_size == 1:
+        return order
+    if pad:
+        total = math.ceil(len(order) / world_size) * world_size
+        order = order.repeat(math.ceil(total / len(order)))[:total]
+    return order[rank::world_size]
+
+
+def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
+    return math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
+
+
+def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of ``size`` training samples, ``batch_size`` being the global batch."""
+    return math.ceil(shard_size(size, 0, world_size, pad=True) / (batch_size // world_size))
 
 
 def _split(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,47 +166,59 @@ def load_fake(seed: int, size: int = 1000, image_size: tuple[int, int, int] = (3
 
 
 class DeviceBatcher:
-    """Batches of in-memory tensors moved to the device once, cut by indexing (no per-sample collation)."""
+    """Batches of in-memory tensors moved to the device once, cut by indexing (no per-sample collation).
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool):
+    ``batch_size`` is this rank's; training batchers (``shuffle``) are padded under DDP, evaluation ones are not.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool,
+                 rank: int = 0, world_size: int = 1):
         self.x, self.y = (t.to(device) for t in dataset.tensors)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        return math.ceil(shard_size(len(self.x), self.rank, self.world_size, self.shuffle) / self.batch_size)
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         size = len(self.x)
-        if not self.shuffle:
+        if not self.shuffle and self.world_size == 1:
             for start in range(skip_batches * self.batch_size, size, self.batch_size):
                 yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             return
-        order = epoch_permutation(size, self.seed, epoch).to(self.x.device)
-        for start in range(skip_batches * self.batch_size, size, self.batch_size):
+        order = epoch_permutation(size, self.seed, epoch) if self.shuffle else torch.arange(size)
+        order = shard(order, self.rank, self.world_size, pad=self.shuffle).to(self.x.device)
+        for start in range(skip_batches * self.batch_size, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
 class EpochSampler(Sampler[int]):
-    """The (seed, epoch) permutation for a DataLoader, optionally starting part-way through."""
+    """The (seed, epoch) permutation for a DataLoader, this rank's shard of it, optionally starting part-way through."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool):
+    def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
+    @property
+    def shard_size(self) -> int:
+        return shard_size(self.size, self.rank, self.world_size, self.shuffle)
+
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.shard_size - self.start
 
     def __iter__(self) -> Iterator[int]:
         order = epoch_permutation(self.size, self.seed, self.epoch) if self.shuffle else torch.arange(self.size)
-        return iter(order[self.start :].tolist())
+        return iter(shard(order, self.rank, self.world_size, pad=self.shuffle)[self.start :].tolist())
 
 
 class LoaderBatcher:
     """Batches from a DataLoader (workers, pinned memory), moved to the device as they arrive."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int):
-        self.sampler = EpochSampler(len(dataset), seed, shuffle)
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int,
+                 rank: int = 0, world_size: int = 1):
+        self.sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size)
         self.batch_size, self.device = batch_size, device
         self.loader = DataLoader(
             dataset,
@@ -196,7 +230,7 @@ class LoaderBatcher:
         )
 
     def __len__(self) -> int:
-        return math.ceil(self.sampler.size / self.batch_size)
+        return math.ceil(self.sampler.shard_size / self.batch_size)
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.start = epoch, skip_batches * self.batch_size
@@ -205,8 +239,11 @@ class LoaderBatcher:
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
 
-def make_batcher(dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int):
-    """The in-memory batcher for a TensorDataset, a DataLoader for anything else."""
+def make_batcher(dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int,
+                 rank: int = 0, world_size: int = 1):
+    """The in-memory batcher for a TensorDataset, a DataLoader for anything else; ``batch_size`` is the global
+    batch, of which this rank takes its ``1 / world_size``."""
+    local_batch = batch_size // world_size
     if isinstance(dataset, TensorDataset):
-        return DeviceBatcher(dataset, batch_size, device, seed, shuffle)
-    return LoaderBatcher(dataset, batch_size, device, seed, shuffle, num_workers)
+        return DeviceBatcher(dataset, local_batch, device, seed, shuffle, rank, world_size)
+    return LoaderBatcher(dataset, local_batch, device, seed, shuffle, num_workers, rank, world_size)

@@ -35,6 +35,8 @@ OPERATIONAL_KEYS = (
     "trainer.checkpoint_every",
     "trainer.checkpoint_min_seconds",
     "trainer.keep_checkpoints",
+    "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
+    "trainer.backend",
 )
 
 
@@ -110,23 +112,26 @@ def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:
     return RunRecord.load(path), None
 
 
-def adopt_run_dir(launch_dir: Path, run_dir: Path) -> None:
+def adopt_run_dir(launch_dir: Path, run_dir: Path, keep_log: bool = True) -> None:
     """Continue logging in ``run_dir`` instead of this launch's new, still empty Hydra directory, then remove that.
 
-    One training run stays one directory however many times it is restarted.
+    One training run stays one directory however many times it is restarted. ``keep_log=False`` (the DDP ranks
+    other than 0) stops the log file altogether: rank 0 writes the run's.
     """
-    if launch_dir.resolve() == run_dir.resolve():
-        return
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(launch_dir.resolve()):
-            replacement = logging.FileHandler(run_dir / Path(handler.baseFilename).name, mode="a")
-            replacement.setFormatter(handler.formatter)
-            replacement.setLevel(handler.level)
+            if launch_dir.resolve() == run_dir.resolve() and keep_log:
+                continue
             root.removeHandler(handler)
             handler.close()
-            root.addHandler(replacement)
+            if keep_log:
+                replacement = logging.FileHandler(run_dir / Path(handler.baseFilename).name, mode="a")
+                replacement.setFormatter(handler.formatter)
+                replacement.setLevel(handler.level)
+                root.addHandler(replacement)
+    if launch_dir.resolve() == run_dir.resolve():
+        return
     leftovers = {p.name for p in launch_dir.iterdir()} if launch_dir.is_dir() else set()
     if leftovers <= {".hydra", "runner.log"}:  # only what Hydra made for this launch
         shutil.rmtree(launch_dir, ignore_errors=True)
-

@@ -1,4 +1,8 @@
-"""One run, top to bottom: seed, build, resume?, track, train, finish. No Hydra here: ``__main__`` passes a RunContext."""
+"""One run, top to bottom: seed, build, resume?, track, train, finish. No Hydra here: ``__main__`` passes a RunContext.
+
+Under DDP every rank runs this; rank 0 decides what the launch continues and shares it, writes the checkpoints
+(with every rank's RNG streams) and the run record, and logs to MLflow.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner import __version__
-from runner.build import build_everything
+from runner.build import Built, build_everything
 from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
-from runner.config import check_settings
+from runner.config import check_settings, torchrun_world_size
 from runner.data import make_batcher
+from runner.distributed import AgreedStop, Distributed, start_distributed
 from runner.errors import ConfigError, RunnerError
 from runner.persist import Persister
 from runner.resume import (
@@ -65,6 +70,10 @@ class Start:
     checkpoint: Path | None = None
     bundle: dict[str, Any] | None = None
     forced_from: Path | None = None  # a new run started from another run's checkpoint
+    finished: bool = False  # resume=auto found this config already trained to the end
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "bundle": None}  # sent to the other ranks, which read the checkpoint file themselves
 
 
 def select_device(name: str) -> torch.device:
@@ -152,16 +161,29 @@ def decide_start(cfg: DictConfig, context: RunContext, fingerprint: str, setting
     return Start(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state
 
 
+def rank_state(progress: Progress, device: torch.device) -> dict[str, Any]:
+    """What differs between the ranks: their RNG streams, and each one's running loss of the epoch in progress."""
+    loss_sum = progress.loss_sum.detach().cpu() if progress.loss_sum is not None else None
+    return {"rng": capture_rng_state(device), "loss_sum": loss_sum, "samples": progress.samples}
+
+
 def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float], record: RunRecord,
-                 config: dict[str, Any]) -> dict[str, Any]:
-    """Everything that decides the rest of the run, as tensors and plain values (``weights_only`` loads it)."""
+                 config: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything that decides the rest of the run, as tensors and plain values (``weights_only`` loads it).
+
+    ``ranks`` holds each rank's ``rank_state``; ``progress`` holds the running loss summed over them.
+    """
     val_losses = [h["val_loss"] for h in history if "val_loss" in h]
+    summed = progress.state_dict()
+    if summed["loss_sum"] is not None:
+        summed["loss_sum"] = sum((r["loss_sum"] for r in ranks[1:]), ranks[0]["loss_sum"])
+        summed["samples"] = sum(r["samples"] for r in ranks)
     return {
         "model": loop.model.state_dict(),
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
-        "progress": progress.state_dict(),
-        "rng": capture_rng_state(),
+        "progress": summed,
+        "ranks": ranks,
         "grad_scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
         "history": history,
         "lr_steps": lr_steps,  # per-step LRs of finished epochs (tracking.log_every_n_steps)
@@ -175,8 +197,11 @@ def state_bundle(loop: Loop, progress: Progress, history: list[dict[str, float]]
     }
 
 
-def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device) -> Progress:
-    """Put the checkpoint's state into the built objects.
+def restore(loop: Loop, path: Path, bundle: dict[str, Any], ranks: Distributed) -> Progress:
+    """Put the checkpoint's state into the built objects, and this rank's RNG streams and running loss.
+
+    A run continued on another number of processes gives rank 0 the epoch's running loss and every rank rank 0's
+    RNG streams: the data order is the same (a function of seed and epoch), the floating-point sums may differ.
 
     Raises:
         CheckpointError: when the checkpoint does not fit them (a forced resume across configs).
@@ -189,60 +214,111 @@ def restore(loop: Loop, path: Path, bundle: dict[str, Any], device: torch.device
             loop.scaler.load_state_dict(bundle["grad_scaler"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path} does not fit this config's model/optimizer/scheduler: {str(err).splitlines()[0]}") from None
-    restore_rng_state(bundle["rng"])
-    return Progress.from_state_dict(bundle["progress"], device)
+    progress = Progress.from_state_dict(bundle["progress"], ranks.device)
+    saved = bundle.get("ranks") or [{"rng": bundle["rng"]}]  # checkpoints before DDP held one "rng"
+    if len(saved) == ranks.world_size:
+        mine = saved[ranks.rank]
+        if "loss_sum" in mine and mine["loss_sum"] is not None:
+            progress.loss_sum, progress.samples = mine["loss_sum"].to(ranks.device), mine["samples"]
+    else:
+        if ranks.is_main:
+            log.warning(f"{path.name} was written by {len(saved)} process(es), this launch has {ranks.world_size}: "
+                        f"same data order, floating-point sums may differ from an uninterrupted run.")
+        mine = saved[0]
+        if not ranks.is_main and progress.loss_sum is not None:
+            progress.loss_sum, progress.samples = torch.zeros_like(progress.loss_sum), 0
+    restore_rng_state(mine["rng"], ranks.device)
+    return progress
 
 
-def run(cfg: DictConfig, context: RunContext) -> float | None:
-    """Train the configured model, or continue it, and return the final validation loss."""
-    check_settings(cfg)
+def plan_start(cfg: DictConfig, context: RunContext, fingerprint: str, settings: dict[str, str]) -> Start:
+    """What this launch continues, its run directory made and the checkpoint to start from chosen (rank 0)."""
     check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
-    config = OmegaConf.to_container(cfg, resolve=True)
-    settings, operational = split_settings(flatten(config))
-    fingerprint = config_fingerprint(settings)
     start = decide_start(cfg, context, fingerprint, settings)
     if start.record is not None and start.record.finished and cfg.resume == "auto":
-        adopt_run_dir(context.run_dir, start.record.run_dir)
-        log.info(f"already finished: {start.record.run_dir} ran this config to the end (val_loss {start.record.final_val_loss}); "
-                 f"nothing to do. Add resume=never to train it again in a new run.")
-        return start.record.final_val_loss
+        start.finished = True
+        return start
+    if start.record is not None and start.checkpoint is None:
+        newest = load_newest_valid(start.record.run_dir)  # None: killed before its first checkpoint; start over
+        if newest is not None:
+            start.checkpoint, start.bundle = newest
+    start.record = start.record or RunRecord.new(context.run_dir, fingerprint)
+    start.record.run_dir.mkdir(parents=True, exist_ok=True)
+    return start
 
-    record = start.record or RunRecord.new(context.run_dir, fingerprint)
-    record.run_dir.mkdir(parents=True, exist_ok=True)
-    adopt_run_dir(context.run_dir, record.run_dir)
-    device = select_device(cfg.trainer.device)
-    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    built = build_everything(cfg, device)
+
+def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
+    """The loop over the built objects: this rank's batchers, the model wrapped in DDP and compiled if asked."""
     trainer = cfg.trainer
-    loop = Loop(
+    wrapped = ranks.wrap(built.model) if ranks.enabled else None
+    compiled = torch.compile(wrapped or built.model) if trainer.compile else None
+    batches = {split: make_batcher(dataset, trainer.batch_size, ranks.device, trainer.seed, split == "train", trainer.num_workers,
+                                   ranks.rank, ranks.world_size)
+               for split, dataset in (("train", built.data.train), ("val", built.data.val))}
+    return Loop(
         model=built.model,
         optimizer=built.optimizer,
         scheduler=built.scheduler,
-        train_batches=make_batcher(built.data.train, trainer.batch_size, device, trainer.seed, True, trainer.num_workers),
-        val_batches=make_batcher(built.data.val, trainer.batch_size, device, trainer.seed, False, trainer.num_workers),
+        train_batches=batches["train"],
+        val_batches=batches["val"],
         classification=built.data.is_classification,
         epochs=trainer.epochs,
-        progress_bar=trainer.progress_bar,
-        **precision_settings(trainer.precision, device),
-        forward=torch.compile(built.model) if trainer.compile else None,
+        progress_bar=trainer.progress_bar and ranks.is_main,
+        **precision_settings(trainer.precision, ranks.device),
+        forward=None if ranks.enabled else compiled,  # under DDP validation runs the plain model: no collectives
+        train_forward=(compiled or wrapped) if ranks.enabled else None,
+        ranks=ranks if ranks.enabled else None,
         scheduler_per_batch=built.plan.stepped_per_batch,
         monitor=built.plan.monitor,
         log_lr_every=cfg.tracking.log_every_n_steps,
     )
 
+
+def run(cfg: DictConfig, context: RunContext) -> float | None:
+    """Train the configured model, or continue it, and return the final validation loss."""
+    check_settings(cfg)
+    if context.sweep and torchrun_world_size() is not None:
+        raise ConfigError("a sweep (-m) under torchrun is not supported; start one torchrun per job, e.g. "
+                          "`for s in cosine linear; do torchrun --nproc_per_node=N -m runner scheduler=$s; done`.")
+    ranks = start_distributed(cfg.trainer, select_device)
+    result = train_run(cfg, context, ranks)
+    ranks.close()  # not on an error: another rank may still wait on this one, and torchrun stops them all
+    return result
+
+
+def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float | None:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    settings, operational = split_settings(flatten(config))
+    fingerprint = config_fingerprint(settings)
+    start = ranks.share(lambda: plan_start(cfg, context, fingerprint, settings))
+    record = start.record
+    adopt_run_dir(context.run_dir, record.run_dir, keep_log=ranks.is_main)
+    if start.finished:
+        log.info(f"already finished: {record.run_dir} ran this config to the end (val_loss {record.final_val_loss}); "
+                 f"nothing to do. Add resume=never to train it again in a new run.")
+        return record.final_val_loss
+
+    device = ranks.device
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    built = build_everything(cfg, device, ranks.world_size)
+    if ranks.world_size > 1:
+        torch.manual_seed(cfg.trainer.seed + ranks.rank)  # the model is built alike everywhere; dropout differs per rank
+    loop = make_loop(cfg, built, ranks)
+    trainer = cfg.trainer
+
     progress, history, lr_steps = Progress(), [], {}
-    loaded = _load_start_checkpoint(start, record)
-    if loaded is not None:
-        path, bundle = loaded
-        progress, history = restore(loop, path, bundle, device), list(bundle["history"])
+    if start.checkpoint is not None:
+        bundle = start.bundle if start.bundle is not None else load_checkpoint(start.checkpoint)
+        progress, history = restore(loop, start.checkpoint, bundle, ranks), list(bundle["history"])
         lr_steps = dict(bundle.get("lr_steps", {}))
-        log.info(f"resuming {record.run_dir} from {path.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
+        log.info(f"resuming {record.run_dir} from {start.checkpoint.name}: epoch {progress.epoch + 1}/{loop.epochs}, "
                  f"batch {progress.batch} of {len(loop.train_batches)}")
 
-    record.save()
     resolved_path = record.run_dir / "resolved_config.yaml"
-    OmegaConf.save(config, resolved_path)
-    tags = _tags(context, record, device, operational, start)
+    if ranks.is_main:
+        record.save()
+        OmegaConf.save(config, resolved_path)
+    tags = _tags(context, record, device, operational, start, ranks)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name)
     logged_before = list(history), dict(lr_steps)  # the loop appends to both while MLflow opens
 
@@ -260,11 +336,13 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         tracker.log_series("lr_step", logged_before[1])
         log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
 
-    log.info(f"training on {device} in {record.run_dir}")
+    log.info(f"training on {device} in {record.run_dir}{ranks.describe(trainer.batch_size)}")
     persister = Persister()
-    persister.submit(open_tracking)
-    on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, trainer)
-    stop = StopFlag().install()
+    if ranks.is_main:
+        persister.submit(open_tracking)
+    on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, trainer, ranks)
+    flag = StopFlag().install()
+    stop = AgreedStop(flag, ranks) if ranks.enabled else flag
     try:
         completed = train(loop, progress, on_epoch_end, stop)
         path = None if completed else on_epoch_end.checkpoint()
@@ -275,16 +353,19 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
             tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
-        stop.uninstall()
+        flag.uninstall()
     if not completed:
-        tracker.finish("KILLED")
+        if tracker.opened:
+            tracker.finish("KILLED")
+        ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
         stop.hand_over()  # e.g. submitit requeues the job and exits here
         raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
                       f"checkpoint {path}. Run the same command again to resume.")
-    record.finished, record.final_val_loss = True, history[-1]["val_loss"]
-    record.save()
-    tracker.finish("FINISHED")
-    return record.final_val_loss
+    if ranks.is_main:
+        record.finished, record.final_val_loss = True, history[-1]["val_loss"]
+        record.save()
+        tracker.finish("FINISHED")
+    return history[-1]["val_loss"]
 
 
 class EpochPersistence:
@@ -296,12 +377,17 @@ class EpochPersistence:
     otherwise spend a fifth of its time writing. Checkpoints are written here, on the training thread, so one is
     on disk when the epoch ends; MLflow, slow to open and to write to, logs on the persist thread, and only
     epochs a checkpoint already holds, so it never shows an epoch a restart would train again.
+
+    Under DDP every rank takes part (rank 0's decision is shared; every rank's RNG streams go into the
+    checkpoint) and rank 0 alone writes and logs.
     """
 
     def __init__(self, loop: Loop, progress: Progress, history: list[dict[str, float]], lr_steps: dict[int, float],
-                 record: RunRecord, config: dict[str, Any], tracker: Tracker, persister: Persister, trainer: DictConfig):
+                 record: RunRecord, config: dict[str, Any], tracker: Tracker, persister: Persister, trainer: DictConfig,
+                 ranks: Distributed):
         self.loop, self.progress, self.history, self.lr_steps = loop, progress, history, lr_steps
         self.record, self.config, self.tracker, self.persister, self.trainer = record, config, tracker, persister, trainer
+        self.ranks = ranks
         self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
         self.last_checkpoint = time.monotonic()
 
@@ -311,14 +397,18 @@ class EpochPersistence:
         self.lr_steps.update(result.lr_steps)
         self.unlogged.append((result.epoch, metrics, result.lr_steps))
         epoch, trainer = self.progress.epoch, self.trainer
-        due = epoch % trainer.checkpoint_every == 0 and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
-        if due or epoch == self.loop.epochs:
+        due = epoch == self.loop.epochs or self.ranks.share(
+            lambda: epoch % trainer.checkpoint_every == 0 and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds)
+        if due:
             self.checkpoint()
 
-    def checkpoint(self) -> Path:
-        """Write a checkpoint of where training stands, then have the epochs it holds logged."""
-        path = save_checkpoint(self.record.run_dir, state_bundle(self.loop, self.progress, self.history, self.lr_steps,
-                                                                 self.record, self.config), self.trainer.keep_checkpoints)
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0)."""
+        ranks = self.ranks.gather(rank_state(self.progress, self.ranks.device))
+        if not self.ranks.is_main:
+            return None
+        bundle = state_bundle(self.loop, self.progress, self.history, self.lr_steps, self.record, self.config, ranks)
+        path = save_checkpoint(self.record.run_dir, bundle, self.trainer.keep_checkpoints)
         self.last_checkpoint = time.monotonic()
         epochs, self.unlogged = self.unlogged, []
         partial = dict(self.progress.lr_steps)  # a stopped epoch's steps so far; its checkpoint holds them too
@@ -339,18 +429,12 @@ def _close_quietly(persister: Persister) -> None:
         log.warning(f"while stopping on an error, writing a checkpoint or logging also failed: {err}")
 
 
-def _load_start_checkpoint(start: Start, record: RunRecord) -> tuple[Path, dict[str, Any]] | None:
-    if start.bundle is not None:
-        return start.checkpoint, start.bundle
-    if start.record is None:
-        return None
-    return load_newest_valid(record.run_dir)  # None: killed before its first checkpoint; start over
-
-
-def _tags(context: RunContext, record: RunRecord, device: torch.device, operational: dict[str, str], start: Start) -> dict[str, str]:
-    """Tags may change between launches (device, tracking settings); params may not."""
+def _tags(context: RunContext, record: RunRecord, device: torch.device, operational: dict[str, str], start: Start,
+          ranks: Distributed) -> dict[str, str]:
+    """Tags may change between launches (device, number of processes, tracking settings); params may not."""
     tags = {"run_dir": str(record.run_dir.resolve()), "overrides": " ".join(context.overrides) or "(none)", "device": str(device),
-            "config_fingerprint": record.fingerprint, **context.choices, **context.sweep, **operational}
+            "world_size": str(ranks.world_size), "config_fingerprint": record.fingerprint, **context.choices, **context.sweep,
+            **operational}
     if start.forced_from is not None:
         tags["started_from"] = str(start.forced_from)
     commit = git_commit(Path.cwd())

@@ -25,7 +25,8 @@ EXIT_INTERRUPTED_TWICE = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 # Fault injection for the resume tests: "SIGNAME:STEP" makes the process send itself that real signal right
-# after global step STEP, so a test can interrupt mid-epoch at an exact point.
+# after global step STEP, so a test can interrupt mid-epoch at an exact point; "SIGNAME:STEP:RANK" only the
+# DDP rank RANK, and only in torchrun's first attempt (a restart must get past that step).
 FAULT_AT_STEP_ENV = "RUNNER_FAULT_AT_STEP"
 
 
@@ -77,5 +78,7 @@ class StopFlag:
 def _parse_fault(spec: str | None) -> tuple[int, int] | None:
     if not spec:
         return None
-    name, step = spec.split(":")
+    name, step, *rank = spec.split(":")
+    if rank and (rank[0] != os.environ.get("RANK", "0") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return None
     return signal.Signals[name].value, int(step)

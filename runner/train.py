@@ -2,7 +2,8 @@
 
 It receives built objects and knows nothing of Hydra, MLflow or files; what happens at the end of an epoch
 (logging, checkpointing) is the caller's ``on_epoch_end``. Losses are summed on the device, so there is no
-host sync per step except when the progress bar actually refreshes.
+host sync per step except when the progress bar actually refreshes. Under DDP the loop trains through the
+wrapped model and sums its losses and metrics over the ranks at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ class Batches(Protocol):
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Ranks(Protocol):
+    """The data-parallel collectives the loop needs (runner.distributed.Distributed)."""
+
+    def sum(self, values: list[float | torch.Tensor]) -> list[float]: ...
+
+    def sync_buffers(self, module: torch.nn.Module) -> None: ...
 
 
 @dataclass
@@ -59,6 +68,8 @@ class Loop:
     scheduler_per_batch: bool = False  # scheduler.interval=step
     monitor: str | None = None  # the metric ReduceLROnPlateau steps on
     log_lr_every: int = 0  # record the LR every this many global steps (0: never)
+    train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # DistributedDataParallel, for training steps
+    ranks: Ranks | None = None  # under DDP: sums over the ranks
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         outputs = outputs.float()  # the loss in float32 under autocast too
@@ -66,8 +77,8 @@ class Loop:
             return F.cross_entropy(outputs, targets)
         return F.mse_loss(outputs, targets)
 
-    def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        forward = self.forward or self.model
+    def outputs(self, inputs: torch.Tensor, training: bool = False) -> torch.Tensor:
+        forward = (self.train_forward if training else None) or self.forward or self.model
         if self.autocast_dtype is None:
             return forward(inputs)  # no autocast context at all at full precision: it costs per step
         with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
@@ -132,7 +143,7 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int],
             if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
                 progress.lr_steps[progress.global_step] = float(loop.optimizer.param_groups[0]["lr"])  # a Python float: no sync
             loop.optimizer.zero_grad(set_to_none=True)
-            loss = loop.loss(loop.outputs(inputs), targets)
+            loss = loop.loss(loop.outputs(inputs, training=True), targets)
             if loop.scaler is None:
                 loss.backward()
                 loop.optimizer.step()
@@ -157,7 +168,9 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int],
 
 @torch.no_grad()
 def evaluate(loop: Loop) -> dict[str, float]:
-    """Mean validation loss, and accuracy for classification."""
+    """Mean validation loss, and accuracy for classification (over every rank's shard)."""
+    if loop.ranks is not None:
+        loop.ranks.sync_buffers(loop.model)
     loop.model.eval()
     device = next(loop.model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -169,10 +182,18 @@ def evaluate(loop: Loop) -> dict[str, float]:
         if loop.classification:
             correct += (outputs.argmax(dim=1) == targets).sum()
         samples += len(targets)
-    metrics = {"val_loss": loss_sum.item() / max(samples, 1)}
+    loss_total, correct_total, samples = _summed(loop, loss_sum, correct, samples)
+    metrics = {"val_loss": loss_total / max(samples, 1)}
     if loop.classification:
-        metrics["val_accuracy"] = correct.item() / max(samples, 1)
+        metrics["val_accuracy"] = correct_total / max(samples, 1)
     return metrics
+
+
+def _summed(loop: Loop, *values: float | torch.Tensor) -> list[float]:
+    """The values as Python numbers, summed over the ranks under DDP (one host sync)."""
+    if loop.ranks is None:
+        return [value.item() if isinstance(value, torch.Tensor) else value for value in values]
+    return loop.ranks.sum(list(values))
 
 
 def train(
@@ -193,7 +214,8 @@ def train(
         if not train_one_epoch(loop, progress, should_stop):
             return False
         result = EpochResult(progress.epoch, list(progress.epoch_lrs), lr_steps=dict(progress.lr_steps))
-        result.metrics["train_loss"] = progress.loss_sum.item() / max(progress.samples, 1)
+        loss_sum, samples = _summed(loop, progress.loss_sum, progress.samples)
+        result.metrics["train_loss"] = loss_sum / max(samples, 1)
         if not loop.scheduler_per_batch and loop.monitor is None:
             loop.scheduler.step()
         result.metrics.update(evaluate(loop))

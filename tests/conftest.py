@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from runner.config import register_schemas
@@ -76,3 +77,42 @@ def metric_series(client, run_id: str, key: str) -> list[float]:
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(len(steps))), f"{key} steps {sorted(steps)} are not 0..n-1 exactly once"
     return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def assert_bitwise_equal(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_result(resumed: dict, reference: dict):
+    """Model, optimizer and scheduler bitwise equal, and every epoch's lr, train_loss, val_loss, val_accuracy."""
+    assert resumed["finished"] and reference["finished"]
+    assert_bitwise_equal(resumed["model"], reference["model"], "model")
+    assert_bitwise_equal(resumed["optimizer"], reference["optimizer"], "optimizer")
+    assert_bitwise_equal(resumed["scheduler"], reference["scheduler"], "scheduler")
+    assert resumed["history"] == reference["history"]
+
+
+def assert_logged_once_as(uri: str, reference: dict, epochs: int, steps_per_epoch: int, experiment: str = "runner"):
+    """One finished MLflow run; each epoch's metrics (and each recorded lr_step) exactly once, with the reference's values."""
+    client, runs = mlflow_runs(uri, experiment)
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert runs[0].info.status == "FINISHED"
+    for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == list(range(epochs)), key
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h[key] for h in reference["history"]], key
+    lr_steps = {m.step: m.value for m in client.get_metric_history(run_id, "lr_step")}
+    assert len(client.get_metric_history(run_id, "lr_step")) == len(lr_steps), "each lr_step once"
+    assert lr_steps == reference["lr_steps"] and sorted(lr_steps) == list(range(0, epochs * steps_per_epoch, 5))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONF, ROOT, mlflow_runs, run_runner
+from conftest import CONF, ROOT, assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
 from runner.checkpoint import CHECKPOINT_FORMAT, FAULT_DURING_WRITE_ENV, LATEST_MARKER, list_checkpoints
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
 
@@ -53,42 +53,8 @@ def final_bundle(run_dir: Path) -> dict:
     return torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
 
 
-def assert_bitwise_equal(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def assert_same_result(resumed: dict, reference: dict):
-    assert resumed["finished"] and reference["finished"]
-    assert_bitwise_equal(resumed["model"], reference["model"], "model")
-    assert_bitwise_equal(resumed["optimizer"], reference["optimizer"], "optimizer")
-    assert_bitwise_equal(resumed["scheduler"], reference["scheduler"], "scheduler")
-    assert resumed["history"] == reference["history"]  # every epoch's lr, train_loss, val_loss, val_accuracy
-
-
 def assert_mlflow_history_exact(cwd: Path, reference: dict):
-    """One MLflow run; each epoch's metrics exactly once, with the uninterrupted run's values."""
-    client, runs = mlflow_runs(f"sqlite:///{cwd / 'mlflow.db'}", "runner")
-    assert len(runs) == 1
-    run_id = runs[0].info.run_id
-    assert runs[0].info.status == "FINISHED"
-    for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
-        history = client.get_metric_history(run_id, key)
-        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
-        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h[key] for h in reference["history"]], key
-    lr_steps = {m.step: m.value for m in client.get_metric_history(run_id, "lr_step")}
-    assert len(client.get_metric_history(run_id, "lr_step")) == len(lr_steps), "each lr_step once"
-    assert lr_steps == reference["lr_steps"] and sorted(lr_steps) == list(range(0, EPOCHS * 45, 5))
+    assert_logged_once_as(f"sqlite:///{cwd / 'mlflow.db'}", reference, EPOCHS, steps_per_epoch=45)
 
 
 def covering_pairs() -> list[tuple[str, str]]:
@@ -312,10 +278,11 @@ def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == [f"epoch-000{e}-step-{45 * e:08d}.pt" for e in (2, 3, 4)]
     assert (run_dir / "checkpoints" / LATEST_MARKER).read_text().strip() == "epoch-0004-step-00000180.pt"
     bundle = final_bundle(run_dir)
-    for key in ("model", "optimizer", "scheduler", "progress", "rng", "grad_scaler", "history", "best_val_loss",
+    for key in ("model", "optimizer", "scheduler", "progress", "ranks", "grad_scaler", "history", "best_val_loss",
                 "mlflow_run_id", "config", "fingerprint", "torch_version", "runner_version", "finished", "format"):
         assert key in bundle, key
-    assert set(bundle["rng"]) == {"python", "numpy", "torch", "cuda"}
+    (only_rank,) = bundle["ranks"]  # one process: one rank's RNG streams
+    assert set(only_rank["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert bundle["best_val_loss"] == min(h["val_loss"] for h in bundle["history"])
     assert bundle["config"]["trainer"]["epochs"] == EPOCHS
 

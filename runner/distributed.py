@@ -116,6 +116,18 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def adopt_submitit_tasks() -> None:
+    """A job of the submitit launcher (``hydra/launcher=slurm``) with several tasks: give each task the env://
+    variables torchrun would, from submitit's own description of the job (SLURM's, or its local executor's)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or torchrun_world_size() is not None:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # each rank takes cuda:LOCAL_RANK itself
+
+
 def start_distributed(trainer: Any, select_device: Callable[[str], torch.device]) -> Distributed:
     """Join the process group torchrun set up when the strategy asks for DDP; otherwise one process.
 

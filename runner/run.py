@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from runner import __version__
 from runner.build import Built, build_everything
 from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
-from runner.config import check_settings, torchrun_world_size
+from runner.config import check_settings
 from runner.data import make_batcher
-from runner.distributed import AgreedStop, Distributed, start_distributed
+from runner.distributed import AgreedStop, Distributed, adopt_submitit_tasks, start_distributed
 from runner.errors import ConfigError, RunnerError
 from runner.persist import Persister
 from runner.resume import (
@@ -276,8 +276,9 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
 
 def run(cfg: DictConfig, context: RunContext) -> float | None:
     """Train the configured model, or continue it, and return the final validation loss."""
+    adopt_submitit_tasks()
     check_settings(cfg)
-    if context.sweep and torchrun_world_size() is not None:
+    if context.sweep and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's processes would run every job in turn
         raise ConfigError("a sweep (-m) under torchrun is not supported; start one torchrun per job, e.g. "
                           "`for s in cosine linear; do torchrun --nproc_per_node=N -m runner scheduler=$s; done`.")
     ranks = start_distributed(cfg.trainer, select_device)

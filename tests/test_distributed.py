@@ -192,3 +192,20 @@ def test_rank_batches_together_are_the_epoch_and_each_validation_sample_counts_o
     val = [DeviceBatcher(data, 5, device, seed=3, shuffle=False, rank=r, world_size=2) for r in (0, 1)]
     seen = [y.item() for batcher in val for _, ys in batcher.epoch(0) for y in ys]
     assert sorted(seen) == list(range(101))
+
+
+@pytest.mark.slow
+def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupted):
+    """hydra/launcher=slurm with one task per GPU, through submitit's local executor: each task becomes a rank."""
+    result = run_runner("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *BASE, "trainer.strategy=ddp",
+                        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
+                        env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it: the same thread count, the same float sums
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "sweep" / "0" / "runner.log").read_text()
+    assert "DDP over 2 processes, gloo; 16 samples per process per step, 32 in all" in log
+    assert log.count(f"epoch {EPOCHS}/{EPOCHS} lr") == 1
+    bundle = final_bundle(tmp_path / "sweep" / "0")
+    assert len(bundle["ranks"]) == 2
+    assert_same_result(bundle, uninterrupted[2])  # bitwise the run torchrun's two ranks train
+    _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert logged.info.status == "FINISHED" and logged.data.tags["world_size"] == "2"

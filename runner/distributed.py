@@ -56,8 +56,8 @@ class Distributed:
     def describe(self, batch_size: int) -> str:
         if not self.enabled:
             return ""
-        return (f" (DDP over {self.world_size} processes, {self.backend}; {batch_size // self.world_size} samples per process "
-                f"per step, {batch_size} in all)")
+        processes = f"{self.world_size} process" + ("es" if self.world_size > 1 else "")
+        return f" (DDP over {processes}, {self.backend}; {batch_size // self.world_size} samples per process per step, {batch_size} in all)"
 
     def share(self, compute: Callable[[], T]) -> T:
         """Rank 0 computes the value and every rank gets it; a RunnerError there is raised on every rank."""

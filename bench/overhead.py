@@ -33,7 +33,8 @@ from runner.config import register_schemas  # noqa: E402
 from runner.data import DeviceBatcher, epoch_permutation, make_batcher  # noqa: E402
 from runner.resume import RunRecord  # noqa: E402
 from runner.persist import Persister  # noqa: E402
-from runner.run import EpochPersistence, state_bundle  # noqa: E402
+from runner.distributed import Distributed  # noqa: E402
+from runner.run import EpochPersistence, rank_state, state_bundle  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
 from runner.train import Loop, Progress, train, train_one_epoch  # noqa: E402
 
@@ -132,7 +133,8 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
             progress, history, lr_steps = Progress(), [], {}
             if persist:
                 tracker, persister = Tracker(uri, "bench", "bench").open(), Persister()  # a fresh MLflow run: every step is new
-                on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, cfg.trainer)
+                on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, cfg.trainer,
+                                                Distributed(torch.device("cpu")))
             start = time.perf_counter()
             train(loop, progress, on_epoch_end if persist else lambda result: None)
             if persist:
@@ -145,7 +147,8 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
                 with_times.append(w), without_times.append(wo)
         tracker, progress = Tracker(uri, "bench", "sync").open(), Progress(epoch=1)
         for epoch in range(repeats):
-            checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], {}, record, config), keep=2)))
+            checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], {}, record, config,
+                                                                                          [rank_state(progress, torch.device("cpu"))]), keep=2)))
             mlflow_times.append(timed(lambda: tracker.log_metrics({"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}, epoch)))
     with_s, without_s = statistics.median(with_times), statistics.median(without_times)
     return {"epoch_s": without_s, "epoch_with_persistence_s": with_s, "persistence_fraction": (with_s - without_s) / without_s,

@@ -185,9 +185,10 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
 class AgreedStop:
     """A stop signal on any rank stops every rank after the same step.
 
-    Each rank calls this after every step, as the loop calls a ``StopFlag``; every ``interval`` calls the ranks
-    share their flags in one small all-reduce (the maximum signal number, and rank 0's choice of the next
-    interval, sized to about STOP_CHECK_SECONDS of steps). All ranks make the same calls, so they agree.
+    Each rank calls this after every step and every epoch, as the loop calls a ``StopFlag``; every ``interval``
+    steps and at every epoch's end the ranks share their flags in one small all-reduce (the maximum signal
+    number, and rank 0's choice of the next interval, sized to about STOP_CHECK_SECONDS of steps). All ranks
+    make the same calls, so they agree.
     """
 
     def __init__(self, flag: StopFlag, ranks: Distributed):
@@ -203,12 +204,12 @@ class AgreedStop:
     def hand_over(self) -> None:
         self.flag.hand_over()  # only on the rank whose signal it was
 
-    def __call__(self, global_step: int) -> bool:
+    def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
         self.flag(global_step)
         if self.agreed:
             return True
         self.countdown -= 1
-        if self.countdown > 0:
+        if self.countdown > 0 and not epoch_end:
             return False
         now = time.monotonic()
         proposal = 0

@@ -68,7 +68,7 @@ class StopFlag:
             log.info(f"handing {self.signal_name} on to {getattr(previous, '__qualname__', previous)}")
             previous(self.signum, None)
 
-    def __call__(self, global_step: int) -> bool:
+    def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
         if self._fault is not None and global_step == self._fault[1]:
             signum, self._fault = self._fault[0], None  # once: the loop may ask twice at an epoch's last step
             os.kill(os.getpid(), signum)

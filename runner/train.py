@@ -130,7 +130,7 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
-def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[[int], bool]) -> bool:
+def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., bool]) -> bool:
     """Run the rest of ``progress.epoch``'s optimizer steps; False if a stop was asked for part-way."""
     loop.model.train()
     device = next(loop.model.parameters()).device
@@ -200,14 +200,15 @@ def train(
     loop: Loop,
     progress: Progress,
     on_epoch_end: Callable[[EpochResult], None],
-    should_stop: Callable[[int], bool] = lambda step: False,
+    should_stop: Callable[..., bool] = lambda step, epoch_end=False: False,
 ) -> bool:
     """Train from ``progress`` to ``loop.epochs``; True when done, False when a stop was asked for.
 
     A scheduler stepped per epoch steps after the epoch's optimizer steps (ReduceLROnPlateau after validation,
     on its metric), so the LR recorded for an epoch is the LR of every one of its steps. A stop asked for
     mid-epoch returns after the current step; one asked for during the last step or validation returns once
-    the epoch is complete.
+    the epoch is complete. ``should_stop(global_step, epoch_end=False)`` is asked after every step and, with
+    ``epoch_end=True``, after every epoch.
     """
     while progress.epoch < loop.epochs:
         started = time.perf_counter()
@@ -225,6 +226,6 @@ def train(
         progress.finish_epoch()
         log.info(result.summary(loop.epochs))
         on_epoch_end(result)
-        if should_stop(progress.global_step) and progress.epoch < loop.epochs:
+        if should_stop(progress.global_step, epoch_end=True) and progress.epoch < loop.epochs:
             return False
     return True

@@ -10,6 +10,7 @@ A single process gets a ``Distributed`` of one rank whose collectives do nothing
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -112,7 +113,15 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def close(self) -> None:
+        """Leave the process group together, once every rank is done (rank 0 finishes writing last).
+
+        A rank that tore its group down while another still trained with it, or whose DDP reducer (kept in a
+        reference cycle) outlived the group until interpreter exit, was seen to abort in Gloo's teardown
+        ("terminate called without an active exception") once in CI.
+        """
         if self.enabled and dist.is_initialized():
+            self.barrier()
+            gc.collect()  # the DDP wrapper and its pending Gloo work go while the group is still there
             dist.destroy_process_group()
 
 

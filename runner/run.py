@@ -282,7 +282,11 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
         raise ConfigError("a sweep (-m) under torchrun is not supported; start one torchrun per job, e.g. "
                           "`for s in cosine linear; do torchrun --nproc_per_node=N -m runner scheduler=$s; done`.")
     ranks = start_distributed(cfg.trainer, select_device)
-    result = train_run(cfg, context, ranks)
+    try:
+        result = train_run(cfg, context, ranks)
+    except Stopped:
+        ranks.close()  # every rank stopped after the same step and leaves together
+        raise
     ranks.close()  # not on an error: another rank may still wait on this one, and torchrun stops them all
     return result
 

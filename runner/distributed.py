@@ -115,9 +115,8 @@ class Distributed:
     def close(self) -> None:
         """Leave the process group together, once every rank is done (rank 0 finishes writing last).
 
-        A rank that tore its group down while another still trained with it, or whose DDP reducer (kept in a
-        reference cycle) outlived the group until interpreter exit, was seen to abort in Gloo's teardown
-        ("terminate called without an active exception") once in CI.
+        Once in CI a rank that left first, while rank 0 still wrote, aborted in Gloo's teardown ("terminate called
+        without an active exception"); leaving together, the DDP wrapper collected first, is torch's own advice.
         """
         if self.enabled and dist.is_initialized():
             self.barrier()

@@ -118,10 +118,11 @@ def adopt_run_dir(launch_dir: Path, run_dir: Path, keep_log: bool = True) -> Non
     One training run stays one directory however many times it is restarted. ``keep_log=False`` (the DDP ranks
     other than 0) stops the log file altogether: rank 0 writes the run's.
     """
+    same = launch_dir.resolve() == run_dir.resolve()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(launch_dir.resolve()):
-            if launch_dir.resolve() == run_dir.resolve() and keep_log:
+            if same and keep_log:
                 continue
             root.removeHandler(handler)
             handler.close()
@@ -130,7 +131,7 @@ def adopt_run_dir(launch_dir: Path, run_dir: Path, keep_log: bool = True) -> Non
                 replacement.setFormatter(handler.formatter)
                 replacement.setLevel(handler.level)
                 root.addHandler(replacement)
-    if launch_dir.resolve() == run_dir.resolve():
+    if same:
         return
     leftovers = {p.name for p in launch_dir.iterdir()} if launch_dir.is_dir() else set()
     if leftovers <= {".hydra", "runner.log"}:  # only what Hydra made for this launch

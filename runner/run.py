@@ -323,7 +323,6 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     if ranks.is_main:
         record.save()
         OmegaConf.save(config, resolved_path)
-    tags = _tags(context, record, device, operational, start, ranks)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name)
     logged_before = list(history), dict(lr_steps)  # the loop appends to both while MLflow opens
 
@@ -336,7 +335,7 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
         if not tracker.resumed:
             tracker.log_params(settings)
             tracker.log_artifact(resolved_path)
-        tracker.set_tags(tags)
+        tracker.set_tags(_tags(context, record, device, operational, start, ranks))  # runs `git`: off the training thread
         tracker.log_epochs(list(enumerate(logged_before[0])))  # epochs checkpointed but not logged when the last launch died
         tracker.log_series("lr_step", logged_before[1])
         log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})")
@@ -409,10 +408,10 @@ class EpochPersistence:
 
     def checkpoint(self) -> Path | None:
         """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0)."""
-        ranks = self.ranks.gather(rank_state(self.progress, self.ranks.device))
+        rank_states = self.ranks.gather(rank_state(self.progress, self.ranks.device))
         if not self.ranks.is_main:
             return None
-        bundle = state_bundle(self.loop, self.progress, self.history, self.lr_steps, self.record, self.config, ranks)
+        bundle = state_bundle(self.loop, self.progress, self.history, self.lr_steps, self.record, self.config, rank_states)
         path = save_checkpoint(self.record.run_dir, bundle, self.trainer.keep_checkpoints)
         self.last_checkpoint = time.monotonic()
         epochs, self.unlogged = self.unlogged, []

@@ -100,8 +100,9 @@ def test_a_stop_signal_on_one_rank_checkpoints_once_and_the_same_command_resumes
     (run_dir,) = run_dirs(tmp_path)
     newest = list_checkpoints(run_dir)[-1]
     assert f"checkpoint {newest}" in message
-    # Both ranks stop after the same step: the next time they share their flags, within the epoch or at its end.
-    assert 70 < final_bundle(run_dir)["progress"]["global_step"] <= 90
+    # Both ranks stop after the same step: the next time they share their flags, which may be right after step 70
+    # itself (the signal arrives during that call), later within the epoch, or at its end.
+    assert 70 <= final_bundle(run_dir)["progress"]["global_step"] <= 90
 
     resumed = torchrun(tmp_path, *BASE, "trainer.strategy=auto")  # auto takes DDP under torchrun; the run is the same
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -31,10 +31,10 @@ from runner.build import build_everything  # noqa: E402
 from runner.checkpoint import save_checkpoint  # noqa: E402
 from runner.config import register_schemas  # noqa: E402
 from runner.data import DeviceBatcher, epoch_permutation, make_batcher  # noqa: E402
-from runner.resume import RunRecord  # noqa: E402
-from runner.persist import Persister  # noqa: E402
 from runner.distributed import Distributed  # noqa: E402
-from runner.run import EpochPersistence, rank_state, state_bundle  # noqa: E402
+from runner.launch import RunSettings  # noqa: E402
+from runner.resume import RunRecord  # noqa: E402
+from runner.session import TrainingSession  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
 from runner.train import Loop, Progress, train, train_one_epoch  # noqa: E402
 
@@ -127,26 +127,21 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
     persist thread, waited for at the end of the block) alternate with blocks without it. Also reported: one
     checkpoint write and one epoch's MLflow logging on their own, for scale.
     """
-    cfg = compose_config()
-    loop = runner_loop(cfg)
-    loop.epochs = block
-    config = OmegaConf.to_container(cfg, resolve=True)
     with_times, without_times, checkpoint_times, mlflow_times = [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder)
         uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-        record = RunRecord.new(run_dir, "bench")
+        cfg = compose_config(f"trainer.epochs={block}", f"tracking.uri={uri}", "tracking.experiment=bench")
+        built, settings, ranks = build_everything(cfg, CPU), RunSettings.of(cfg), Distributed(CPU)
 
         def run_block(persist: bool) -> float:
-            progress, history, lr_steps = Progress(), [], {}
+            session = TrainingSession(cfg, built, RunRecord.new(run_dir, "bench"), settings, ranks)
             if persist:
-                tracker, persister = Tracker(uri, "bench", "bench").open(), Persister()  # a fresh MLflow run: every step is new
-                on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, cfg.trainer,
-                                                Distributed(torch.device("cpu")))
+                session.tracker.open("bench")  # a fresh MLflow run: every step is new
             start = time.perf_counter()
-            train(loop, progress, on_epoch_end if persist else lambda result: None)
+            train(session.loop, session.progress, session.end_epoch if persist else lambda result: None)
             if persist:
-                persister.close()
+                session.persister.close()
             return (time.perf_counter() - start) / block
 
         for repeat in range(repeats + 1):  # the first pair warms up
@@ -156,11 +151,14 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
                 wo, w = run_block(False), run_block(True)
             if repeat:
                 with_times.append(w), without_times.append(wo)
-        tracker, progress = Tracker(uri, "bench", "sync").open(), Progress(epoch=1)
+        session = TrainingSession(cfg, built, RunRecord.new(run_dir, "bench"), settings, ranks)
+        session.progress.epoch = 1
+        tracker = Tracker(uri, "bench").open("sync")
         for epoch in range(repeats):
-            checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, state_bundle(loop, progress, [], {}, record, config,
-                                                                                          [rank_state(progress, torch.device("cpu"))]), keep=2)))
-            mlflow_times.append(timed(lambda: tracker.log_metrics({"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}, epoch)))
+            header = session.checkpoint_header()
+            checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, {**session.state.state_dict(), **header}, 2)))
+            metrics = {"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}
+            mlflow_times.append(timed(lambda: tracker.log_metrics(metrics, epoch)))
     with_s, without_s = statistics.median(with_times), statistics.median(without_times)
     fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times))  # paired, as for the loops
     return {"epoch_s": without_s, "epoch_with_persistence_s": with_s, "persistence_fraction": fraction,

@@ -16,8 +16,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config import register_schemas
-from runner.errors import ConfigError, RunnerError
-from runner.sweep import SWEEP_ID_ENV, failed_jobs, record_failed_job
+from runner.errors import RunnerError, Stopped, full_traceback_wanted, report_error
+from runner.sweep import SWEEP_ID_ENV, record_failed_job
 
 log = logging.getLogger("runner")
 register_schemas()
@@ -25,7 +25,7 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from runner.run import RunContext, Stopped, run
+    from runner.run import RunContext, run
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -37,28 +37,14 @@ def main(cfg: DictConfig) -> float | None:
     )
     try:
         return run(cfg, context)
-    except Stopped as err:
-        if not reported_by_another_rank(err):
-            log.warning(str(err))
-        sys.exit(err.exit_code)  # in a sweep too: the scheduler is stopping the whole job
     except RunnerError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_traceback_wanted() and not isinstance(err, Stopped):
             raise
-        if not reported_by_another_rank(err):
-            log.error(f"error: {err}")
-        if multirun:
+        exit_code = report_error(err, log)
+        if multirun and not isinstance(err, Stopped):  # a stop is the scheduler stopping the whole job, sweep or not
             record_failed_job(Path(hydra_cfg.sweep.dir), context.run_name)
             return None
-        sys.exit(err.exit_code)
-
-
-def reported_by_another_rank(err: RunnerError) -> bool:
-    """Under torchrun every rank meets a bad setting, or a stop, alike: rank 0 reports it once for all."""
-    from runner.run import Stopped
-
-    if os.environ.get("RANK", "0") == "0":
-        return False
-    return getattr(err, "reported_by_rank_zero", False) or isinstance(err, ConfigError | Stopped)
+        sys.exit(exit_code)
 
 
 def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -67,13 +53,5 @@ def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     return {"sweep_id": os.environ.get(SWEEP_ID_ENV) or sweep_dir, "sweep_dir": sweep_dir, "job_num": str(hydra_cfg.job.num)}
 
 
-def entry() -> None:
-    main()
-    if failed_jobs:
-        # Hydra's job logging is torn down once the sweep ends, so this goes straight to stderr.
-        print(f"error: {len(failed_jobs)} job(s) failed: {'; '.join(failed_jobs)}", file=sys.stderr)
-        sys.exit(RunnerError.exit_code)
-
-
 if __name__ == "__main__":
-    entry()
+    main()

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from runner.errors import RunnerError
+from runner.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+# Raised whenever the layout changes; a checkpoint of another format is refused in one line, never guessed at.
+CHECKPOINT_FORMAT = 2
 CHECKPOINT_DIR = "checkpoints"
 LATEST_MARKER = "LATEST"  # holds the file name of the newest checkpoint, for people and scripts
 _NAME = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
@@ -28,10 +29,6 @@ _NAME = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
 # Fault injection for the resume tests: "N" sends SIGKILL to this process while the N-th checkpoint of the
 # launch is half written (its temporary file flushed, not yet renamed).
 FAULT_DURING_WRITE_ENV = "RUNNER_FAULT_DURING_CHECKPOINT"
-
-
-class CheckpointError(RunnerError):
-    """A checkpoint that cannot be used: from a newer format, or none at all where one was asked for."""
 
 
 def checkpoint_name(epoch: int, global_step: int) -> str:
@@ -77,7 +74,8 @@ def _maybe_die_mid_write() -> None:
 
 
 def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
-    """Write the bundle as the newest checkpoint, update the LATEST marker, and keep only the newest ``keep``."""
+    """Write the bundle (the state's parts and what describes them) as the newest checkpoint, update the LATEST
+    marker, and keep only the newest ``keep``."""
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(bundle["progress"]["epoch"], bundle["progress"]["global_step"])
@@ -99,13 +97,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load one checkpoint with ``weights_only=True`` onto the CPU (``load_state_dict`` moves state to the model's device).
 
     Raises:
-        CheckpointError: when it was written by a newer runner.
+        CheckpointError: when it was written in another checkpoint format.
     """
     bundle = torch.load(path, map_location="cpu", weights_only=True)
-    if bundle.get("format", 0) > CHECKPOINT_FORMAT:
+    found = bundle.get("format") if isinstance(bundle, dict) else None
+    if found != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"{path} was written in checkpoint format {bundle['format']}, newer than this runner's "
-            f"{CHECKPOINT_FORMAT}; resume it with the runner version that wrote it ({bundle.get('runner_version')})."
+            f"{path} is in checkpoint format {found}, this runner reads format {CHECKPOINT_FORMAT}; resume it with "
+            f"the runner version that wrote it ({bundle.get('runner_version') if isinstance(bundle, dict) else '?'})."
         )
     return bundle
 
@@ -120,36 +119,3 @@ def load_newest_valid(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         except Exception as err:  # truncated zip, bad pickle opcode, missing record: all mean "unusable"
             log.warning(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying the previous one")
     return None
-
-
-def capture_rng_state(device: torch.device) -> dict[str, Any]:
-    """Python's, NumPy's and torch's CPU RNG state, and the training GPU's, as tensors and plain values."""
-    import random
-
-    import numpy as np
-
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-        "torch": torch.get_rng_state(),
-        # Only this process's GPU: under DDP each rank has its own, and touching the others would start CUDA on them.
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state["cuda"]
-    if isinstance(cuda, torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda.cpu(), device)
-    elif isinstance(cuda, list) and cuda and torch.cuda.is_available():  # older checkpoints held every device's state
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[: torch.cuda.device_count()]])

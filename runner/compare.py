@@ -18,10 +18,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, RunnerError, full_traceback_wanted, report_error
+from runner.metrics import METRICS, metric
 
 CURVES = (("lr", "learning rate"), ("val_loss", "validation loss"), ("val_accuracy", "validation accuracy"))
-SORT_KEYS = ("final_val_loss", "best_val_loss", "final_val_accuracy", "best_val_accuracy")
+SORT_KEYS = tuple(f"{kind}_{name}" for name in METRICS if name.startswith("val_") for kind in ("final", "best"))
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RunCurves:
         values = [v for v in self.curves.get(key, []) if not math.isnan(v)]
         if not values:
             return math.nan
-        return max(values) if key.endswith("accuracy") else min(values)
+        return max(values) if metric(key).higher_is_better else min(values)
 
     def best_epoch(self, key: str) -> int | None:
         values = self.curves.get(key, [])
@@ -126,7 +127,7 @@ def label_runs(runs: list[RunCurves]) -> None:
 
 
 def rank(runs: list[RunCurves], sort_key: str) -> list[RunCurves]:
-    descending = sort_key.endswith("accuracy")
+    descending = metric(sort_key.split("_", 1)[1]).higher_is_better  # final_val_loss -> val_loss
 
     def key(run: RunCurves) -> tuple[bool, float]:
         value = run.row()[sort_key]
@@ -218,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = compare(args.tracking_uri, args.experiment, args.sweep, args.runs, args.out, args.sort)
     except RunnerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        if full_traceback_wanted():
+            raise
+        return report_error(err)
     print(text)
     print(f"\nwrote {args.out.with_suffix('.png')}, {args.out.with_suffix('.csv')}, {args.out.with_suffix('.md')}")
     return 0

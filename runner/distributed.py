@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from runner.config import torchrun_world_size
-from runner.errors import ConfigError, RunnerError
+from runner.device import select_device
+from runner.errors import ConfigError, ReportedByRankZero, RunnerError
 from runner.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,7 @@ class Distributed:
         dist.broadcast_object_list(payload, src=0, group=self.control)
         ok, value = payload[0]
         if not ok:
-            if not self.is_main:
-                value.reported_by_rank_zero = True
-            raise value
+            raise value if self.is_main else ReportedByRankZero(value)
         return value
 
     def gather(self, value: T) -> list[T] | None:
@@ -136,7 +135,7 @@ def adopt_submitit_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # each rank takes cuda:LOCAL_RANK itself
 
 
-def start_distributed(trainer: Any, select_device: Callable[[str], torch.device]) -> Distributed:
+def start_distributed(trainer: Any) -> Distributed:
     """Join the process group torchrun set up when the strategy asks for DDP; otherwise one process.
 
     ``check_settings`` has already refused a strategy that does not fit the environment.

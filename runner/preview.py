@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, full_traceback_wanted, is_config_error, report_error
 
 log = logging.getLogger("runner.preview")
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -70,19 +69,20 @@ def counts_batches(cfg) -> bool:
 
 def preview(overrides: list[str], steps_per_epoch: int | None) -> Preview:
     """Run the configured schedule through every epoch (and batch) of the configured run."""
-    from runner.build import build_node, check_before_data, check_schedule, schedule_plan
+    from runner.build import build_data, check_before_data, optimizer_builder
     from runner.config import check_settings
+    from runner.data import steps_per_epoch as count_steps
+    from runner.schedules import check_schedule, plan_schedule
 
     cfg = compose(overrides)
     check_settings(cfg)
     check_before_data(cfg)
     if steps_per_epoch is None and counts_batches(cfg):
-        data = build_node("data", cfg.data, seed=cfg.trainer.seed)
-        steps_per_epoch = math.ceil(len(data.train) / cfg.trainer.batch_size)
+        steps_per_epoch = count_steps(len(build_data(cfg).train), cfg.trainer.batch_size)
         log.info(f"{steps_per_epoch} steps per epoch, counted from the data (--steps-per-epoch N skips that)")
-    plan = schedule_plan(cfg, steps_per_epoch or 1)
+    plan = plan_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch or 1)
     step_lrs: list[float] = []
-    epoch_lrs = [lrs[0] for lrs in check_schedule(cfg, plan, step_lrs)]
+    epoch_lrs = [lrs[0] for lrs in check_schedule(plan, optimizer_builder(cfg), step_lrs)]
     result = Preview(overrides, epoch_lrs, step_lrs, plan.steps_per_epoch if plan.stepped_per_batch else 1)
     result.note = f" (if {plan.monitor} never improves)" if plan.monitor else ""
     return result
@@ -141,17 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(jobs) > 1 and not args.multirun:
             raise RunnerError("comma-separated values sweep: add -m to preview every combination.")
         previews = [preview(job, args.steps_per_epoch) for job in jobs]
-    except RunnerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except Exception as err:  # Hydra's own config errors (unknown group option, bad override)
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        if not isinstance(err, HydraException | OmegaConfBaseException):
+    except Exception as err:  # ours, and Hydra's own config errors (unknown group option, bad override)
+        if not is_config_error(err) or full_traceback_wanted():
             raise
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return report_error(err)
     label_previews(previews)
     draw(previews, args.out)
     print(table(previews))

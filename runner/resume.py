@@ -74,6 +74,13 @@ class RunRecord:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
         write_atomically(self.run_dir / RUN_RECORD, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
+    def state_dict(self) -> dict[str, str | None]:
+        """The checkpoint's part of the record: which MLflow run logs this run."""
+        return {"mlflow_run_id": self.mlflow_run_id}
+
+    def load_state_dict(self, state: dict[str, str | None]) -> None:
+        self.mlflow_run_id = self.mlflow_run_id or state["mlflow_run_id"]  # runner.json knows better when it knows
+
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord | None:
         try:

@@ -1,8 +1,13 @@
-"""Scheduler pieces torch lacks: a LambdaLR driven by a safe expression string, and start-up checks.
+"""Learning-rate schedules, built in one direction: config, then a plan checked over the whole run, then torch's class.
 
-torch's LambdaLR cannot save a plain Python lambda in its ``state_dict``; here the expression string is the
-lambda's whole state, so the scheduler survives ``state_dict()``/``load_state_dict()``, pickling and
-``torch.load(weights_only=True)``.
+``plan_schedule`` reads a ``scheduler`` node (interval, monitor, warm-up) and refuses what torch would only fail
+on later; ``check_schedule`` drives the planned schedule through every epoch and step on a throw-away
+parameter; ``build_scheduler`` builds torch's own scheduler for the optimizer that trains, behind a linear
+warm-up when ``scheduler.warmup`` asks for one (as timm offers for every schedule).
+
+Also here, what torch lacks: a LambdaLR driven by a safe expression string. torch's LambdaLR cannot save a
+plain Python lambda in its ``state_dict``; here the expression string is the lambda's whole state, so the
+scheduler survives ``state_dict()``/``load_state_dict()``, pickling and ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -10,15 +15,27 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ChainedScheduler, LambdaLR, LRScheduler, ReduceLROnPlateau, SequentialLR
+from torch.optim.lr_scheduler import (
+    ChainedScheduler,
+    CosineAnnealingLR,
+    LambdaLR,
+    LinearLR,
+    LRScheduler,
+    OneCycleLR,
+    ReduceLROnPlateau,
+    SequentialLR,
+)
 
 from runner.errors import ConfigError
 from runner.expr import compile_expression
+from runner.metrics import logged_metrics, metric
+from runner.targets import build_node, node_arguments, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +88,12 @@ class ExpressionLambdaLR(LambdaLR):
         return super().get_lr()
 
 
-def warmup_cosine(optimizer: Optimizer, warmup: int, total_steps: int, start_factor: float = 0.1, eta_min: float = 0.0,
-                  last_epoch: int = -1) -> SequentialLR:
-    """Linear warm-up from ``start_factor`` x lr over ``warmup`` steps, then cosine decay to ``eta_min`` by the end.
-
-    Steps are epochs, or batches with ``interval: step``; ``total_steps`` is filled in by the runner.
-    """
-    if not 0 < warmup < total_steps:
-        raise ConfigError(f"scheduler.warmup={warmup}: the warm-up must be at least 1 step and shorter than the run "
-                          f"({total_steps} scheduler steps).")
-    return sequential(optimizer, [
-        {"_target_": "torch.optim.lr_scheduler.LinearLR", "start_factor": start_factor, "end_factor": 1.0, "total_iters": warmup},
-        {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": total_steps - warmup, "eta_min": eta_min},
-    ], milestones=[warmup], last_epoch=last_epoch)
-
-
 def sequential(optimizer: Optimizer, schedulers: list[Any], milestones: list[int], last_epoch: int = -1) -> SequentialLR:
     """torch's SequentialLR over configured schedulers: the first until milestones[0], the next until milestones[1]…"""
     if len(schedulers) != len(milestones) + 1:
-        raise ConfigError(f"scheduler: {len(schedulers)} schedulers need {len(schedulers) - 1} milestones, not {len(milestones)}.")
+        raise ConfigError(
+            f"scheduler: {len(schedulers)} schedulers need {len(schedulers) - 1} milestones, not {len(milestones)}."
+        )
     if list(milestones) != sorted(set(milestones)) or milestones[0] < 1:
         raise ConfigError(f"scheduler.milestones={list(milestones)}: milestones must be increasing and at least 1.")
     children = _build_children(optimizer, schedulers)
@@ -102,15 +106,16 @@ def chained(optimizer: Optimizer, schedulers: list[Any]) -> ChainedScheduler:
 
 
 def _build_children(optimizer: Optimizer, schedulers: list[Any]) -> list[LRScheduler]:
-    from runner.build import build_node  # build imports this module
-
     if len(schedulers) < 1:
         raise ConfigError("scheduler.schedulers is empty; list the schedulers to compose, each with its _target_.")
     nodes = [OmegaConf.create(node) if not OmegaConf.is_config(node) else node for node in schedulers]
-    return [build_node(f"scheduler.schedulers[{i}]", node, optimizer=optimizer) for i, node in enumerate(nodes)]
+    return [
+        build_node(f"scheduler.schedulers[{i}]", node, reserved=RESERVED, optimizer=optimizer)
+        for i, node in enumerate(nodes)
+    ]
 
 
-def check_lambda_mode(scheduler: LRScheduler, optimizer: Optimizer) -> None:
+def check_lambda_mode(scheduler: LRScheduler) -> None:
     """Warn when a factor expression starts at the optimizer's LR: the Keras-for-LambdaLR mistake, lr squared."""
     if not isinstance(scheduler, ExpressionLambdaLR) or scheduler.mode != "factor":
         return
@@ -118,11 +123,28 @@ def check_lambda_mode(scheduler: LRScheduler, optimizer: Optimizer) -> None:
     base = scheduler.base_lrs[0]
     if base != 1 and math.isclose(start, base, rel_tol=1e-9):
         log.warning(
-            f"scheduler.lr_lambda is {start:g} at epoch 0, the same as optimizer.lr: with mode=factor (torch's LambdaLR) "
-            f"it MULTIPLIES the lr, so training starts at {base:g} x {start:g} = {base * start:g}. If the expression is "
-            f"the learning rate itself (Keras's LearningRateScheduler), set scheduler.mode=absolute; if it is meant as "
-            f"a factor, keep mode=factor."
+            f"scheduler.lr_lambda is {start:g} at epoch 0, the same as optimizer.lr: with mode=factor (torch's "
+            f"LambdaLR) it MULTIPLIES the lr, so training starts at {base:g} x {start:g} = {base * start:g}. If the "
+            f"expression is the learning rate itself (Keras's LearningRateScheduler), set scheduler.mode=absolute; "
+            f"if it is meant as a factor, keep mode=factor."
         )
+
+
+# Keys of the scheduler node that the runner reads itself, with their defaults; the scheduler class never sees them.
+SCHEDULER_SETTINGS = {"interval": "epoch", "monitor": "val_loss", "warmup": 0, "warmup_start_factor": 0.1}
+INTERVALS = ("epoch", "step")
+# Arguments the runner passes (or keeps at torch's default); the YAML must not set them.
+RESERVED = ("optimizer", "last_epoch", "total_steps", "steps_per_epoch", "stepped_per_batch", "epochs")
+# Arguments that are the schedule's length: left null in the YAML, the runner fills in the rest of the run after
+# the warm-up, so the schedule follows trainer.epochs, the warm-up and interval=step.
+RUN_LENGTH_ARGUMENTS = {CosineAnnealingLR: "T_max"}
+# Schedulers that cannot follow a warm-up in torch's SequentialLR, and what to do instead.
+NO_WARMUP = {
+    ReduceLROnPlateau: "it steps on a metric, which SequentialLR cannot pass on",
+    SequentialLR: "it is a composition already",
+    ChainedScheduler: "it is a composition already",
+    OneCycleLR: "it warms up by itself over pct_start of the run",
+}
 
 
 def _positive(name: str) -> Callable[[Any], str | None]:
@@ -141,23 +163,154 @@ LATE_FAILURES: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "StepLR": {"step_size": _at_least_one("step_size"), "gamma": _positive("gamma")},
     "MultiStepLR": {"gamma": _positive("gamma")},
     "ExponentialLR": {"gamma": _positive("gamma")},
-    "CosineAnnealingLR": {"T_max": _at_least_one("T_max")},
+    "CosineAnnealingLR": {"T_max": lambda v: None if v is None or v >= 1 else "T_max must be at least 1"},
     "CosineAnnealingWarmRestarts": {"T_0": _at_least_one("T_0"), "T_mult": _at_least_one("T_mult")},
-    "ReduceLROnPlateau": {"factor": lambda v: None if 0 < v < 1 else "factor must be between 0 and 1",
-                          "patience": lambda v: None if v >= 0 else "patience must be at least 0"},
-    "OneCycleLR": {"max_lr": _positive("max_lr"), "div_factor": _positive("div_factor"),
-                   "final_div_factor": _positive("final_div_factor")},
+    "ReduceLROnPlateau": {
+        "factor": lambda v: None if 0 < v < 1 else "factor must be between 0 and 1",
+        "patience": lambda v: None if v >= 0 else "patience must be at least 0",
+    },
+    "OneCycleLR": {
+        "max_lr": _positive("max_lr"),
+        "div_factor": _positive("div_factor"),
+        "final_div_factor": _positive("final_div_factor"),
+    },
 }
 
 
-def check_scheduler_arguments(target: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    """Refuse scheduler arguments that torch takes but that would fail or freeze the run later."""
-    name = getattr(target, "__name__", "")
-    for key, check in LATE_FAILURES.get(name, {}).items():
-        if key in kwargs:
-            problem = check(kwargs[key])
-            if problem:
-                raise ConfigError(f"scheduler.{key}={kwargs[key]!r}: {name} {problem}.")
+@dataclass(frozen=True)
+class SchedulePlan:
+    """A scheduler config read and checked: what to build, when it steps, on what metric, after what warm-up.
+
+    Steps are epochs, or batches with ``interval=step``; ``warmup`` counts the same steps.
+    """
+
+    node: DictConfig
+    target: Callable[..., Any]
+    interval: str
+    monitor: str | None  # ReduceLROnPlateau only
+    warmup: int
+    warmup_start_factor: float
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def stepped_per_batch(self) -> bool:
+        return self.interval == "step"
+
+    @property
+    def total_steps(self) -> int:
+        """Scheduler steps in the whole run."""
+        return self.epochs * (self.steps_per_epoch if self.stepped_per_batch else 1)
+
+    @property
+    def main_steps(self) -> int:
+        """Scheduler steps after the warm-up: the length the configured scheduler is given."""
+        return self.total_steps - self.warmup
+
+
+def _setting(node: DictConfig, key: str) -> Any:
+    value = node.get(key)
+    return SCHEDULER_SETTINGS[key] if value is None else value
+
+
+def plan_schedule(node: DictConfig, epochs: int, steps_per_epoch: int = 1, classification: bool = True) -> SchedulePlan:
+    """Read and check a scheduler node: its interval, monitor and warm-up, and arguments that would fail later.
+
+    Raises:
+        ConfigError: an unknown interval, a plateau scheduler stepped per batch or watching a metric that is not
+            logged or in the wrong direction, a warm-up that does not fit, a value torch would fail on later.
+    """
+    interval = _setting(node, "interval")
+    if interval not in INTERVALS:
+        raise ConfigError(
+            f"scheduler.interval={interval!r}: use epoch (step the scheduler once per epoch) or step (after every batch)."
+        )
+    target = resolve_target("scheduler", node)
+    arguments = node_arguments(node, SCHEDULER_SETTINGS)
+    for key, check in LATE_FAILURES.get(getattr(target, "__name__", ""), {}).items():
+        problem = check(arguments[key]) if key in arguments else None
+        if problem:
+            raise ConfigError(f"scheduler.{key}={arguments[key]!r}: {target.__name__} {problem}.")
+    plateau = isinstance(target, type) and issubclass(target, ReduceLROnPlateau)
+    monitor = _check_monitor(node, interval, classification) if plateau else None
+    if not plateau and "monitor" in node:
+        raise ConfigError(
+            f"scheduler.monitor is for ReduceLROnPlateau (scheduler=plateau); {target.__name__} steps without a metric."
+        )
+    plan = SchedulePlan(
+        node,
+        target,
+        interval,
+        monitor,
+        int(_setting(node, "warmup")),
+        float(_setting(node, "warmup_start_factor")),
+        max(steps_per_epoch, 1),
+        epochs,
+    )
+    _check_warmup(plan)
+    return plan
+
+
+def _check_monitor(node: DictConfig, interval: str, classification: bool) -> str:
+    monitor = _setting(node, "monitor")
+    logged = logged_metrics(classification)
+    if monitor not in logged:
+        raise ConfigError(f"scheduler.monitor={monitor!r}: ReduceLROnPlateau can watch {', '.join(logged)}.")
+    better, mode = metric(monitor).mode, node.get("mode", "min")
+    if mode != better:
+        raise ConfigError(
+            f"scheduler.monitor={monitor} with scheduler.mode={mode}: the LR would be cut while {monitor} improves; "
+            f"set scheduler.mode={better}."
+        )
+    if interval == "step":
+        raise ConfigError(
+            "scheduler.interval=step: ReduceLROnPlateau steps on a validation metric, once per epoch; "
+            "use scheduler.interval=epoch."
+        )
+    return monitor
+
+
+def _check_warmup(plan: SchedulePlan) -> None:
+    if plan.warmup == 0:
+        return
+    built = {sequential: SequentialLR, chained: ChainedScheduler}.get(plan.target, plan.target)
+    why = next((why for kind, why in NO_WARMUP.items() if isinstance(built, type) and issubclass(built, kind)), None)
+    if why is not None:
+        raise ConfigError(
+            f"scheduler.warmup={plan.warmup}: {built.__name__} cannot follow a warm-up ({why}); leave scheduler.warmup "
+            f"at 0, or make a LinearLR warm-up the first of scheduler.schedulers (scheduler=sequential)."
+        )
+    if not 0 < plan.warmup < plan.total_steps:
+        raise ConfigError(
+            f"scheduler.warmup={plan.warmup}: the warm-up must be at least 1 step and shorter than the run "
+            f"({plan.total_steps} scheduler steps)."
+        )
+    if not 0 < plan.warmup_start_factor <= 1:
+        raise ConfigError(
+            f"scheduler.warmup_start_factor={plan.warmup_start_factor}: the warm-up starts at this fraction of the "
+            f"lr; use a value above 0 and at most 1."
+        )
+
+
+def build_scheduler(plan: SchedulePlan, optimizer: Optimizer) -> LRScheduler:
+    """torch's scheduler for a plan: the configured class, after a linear warm-up when ``scheduler.warmup`` > 0."""
+    warmup = LinearLR(optimizer, plan.warmup_start_factor, 1.0, plan.warmup) if plan.warmup else None
+    runtime = {
+        "optimizer": optimizer,
+        "total_steps": plan.main_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "stepped_per_batch": plan.stepped_per_batch,
+        "epochs": plan.epochs,
+    }
+    leave_out = set(SCHEDULER_SETTINGS)
+    length = RUN_LENGTH_ARGUMENTS.get(plan.target)
+    if length is not None and plan.node.get(length) is None:
+        leave_out.add(length)
+        runtime[length] = plan.main_steps
+    scheduler = build_node("scheduler", plan.node, leave_out=leave_out, reserved=RESERVED, **runtime)
+    if warmup is None:
+        return scheduler
+    return SequentialLR(optimizer, [warmup, scheduler], milestones=[plan.warmup])
 
 
 def simulate_schedule(
@@ -172,7 +325,7 @@ def simulate_schedule(
     (as at the start of the epoch).
 
     Stepped per batch, it steps ``epochs * steps_per_epoch`` times. ReduceLROnPlateau sees a metric that never
-    improves, so the simulation covers its lowest LRs.
+    improves, so the simulation covers its lowest LRs. ``step_lrs`` gets group 0's LR at every scheduler step.
 
     Raises:
         ConfigError: when the schedule raises or gives a NaN, infinite or negative LR, naming the epoch and value.
@@ -201,3 +354,19 @@ def simulate_schedule(
             except (ArithmeticError, ValueError) as err:
                 raise ConfigError(f"the schedule fails after {where}: {err}.") from None
     return trajectory
+
+
+def check_schedule(
+    plan: SchedulePlan,
+    build_optimizer: Callable[[list[torch.Tensor]], Optimizer],
+    step_lrs: list[float] | None = None,
+) -> list[list[float]]:
+    """Run the planned schedule through every epoch (and step) on a throw-away parameter; return the epoch LRs."""
+    return simulate_schedule(
+        build_optimizer,
+        lambda optimizer: build_scheduler(plan, optimizer),
+        plan.epochs,
+        plan.steps_per_epoch,
+        plan.stepped_per_batch,
+        step_lrs,
+    )

@@ -17,10 +17,11 @@ import os
 import signal
 from types import FrameType
 
+from runner.errors import EXIT_STOPPED
+
 log = logging.getLogger(__name__)
 
-# sysexits.h's EX_TEMPFAIL, "temporary failure; the user is invited to retry": stopped, checkpointed, resumable.
-EXIT_STOPPED = 75
+__all__ = ["EXIT_STOPPED", "STOP_SIGNALS", "StopFlag"]
 EXIT_INTERRUPTED_TWICE = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 

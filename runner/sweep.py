@@ -18,11 +18,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runner.errors import RunnerError, report_error
+
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"
 FAILED_JOBS_FILE = "failed_jobs.txt"
-
-# Jobs of the last multirun that stopped on a user error, read back by ``on_multirun_end`` for the exit status.
-failed_jobs: list[str] = []
 
 
 def sweep_id(config: DictConfig) -> str:
@@ -73,17 +72,18 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml under ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.errors import RunnerError
-
         os.environ[SWEEP_ID_ENV] = sweep_id(config)
-        failed_jobs.clear()
         try:
             prepare_tracking_store(config.tracking.uri, config.tracking.experiment)
         except RunnerError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            sys.exit(report_error(err))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Exit 2 when a job stopped on bad input (each job reported its own line as it ended).
+
+        Hydra's job logging is torn down once the sweep ends, so this line goes straight to stderr.
+        """
         path = Path(config.hydra.sweep.dir) / FAILED_JOBS_FILE
-        if path.exists():
-            failed_jobs.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+        failed = [line for line in path.read_text(encoding="utf-8").splitlines() if line] if path.exists() else []
+        if failed:
+            sys.exit(report_error(RunnerError(f"{len(failed)} job(s) failed: {'; '.join(failed)}")))

@@ -134,8 +134,8 @@ class Tracker:
     that are trained again after a restart from an older checkpoint are not logged twice.
     """
 
-    def __init__(self, uri: str | None, experiment: str, run_name: str):
-        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+    def __init__(self, uri: str | None, experiment: str):
+        self.uri, self.experiment = uri, experiment
         self.run_id: str | None = None
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
@@ -144,7 +144,7 @@ class Tracker:
     def opened(self) -> bool:
         return self.run_id is not None
 
-    def open(self, run_id: str | None = None) -> Tracker:
+    def open(self, run_name: str, run_id: str | None = None) -> Tracker:
         """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened."""
         self.client, experiment_id = open_experiment(self.uri, self.experiment)
         self.uri = self.client.tracking_uri
@@ -152,7 +152,7 @@ class Tracker:
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         return self
 
     def _reattach(self, run_id: str) -> bool:

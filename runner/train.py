@@ -98,32 +98,27 @@ class Progress:
     lr_steps: dict[int, float] = field(default_factory=dict)  # this epoch's recorded per-step LRs
 
     def start_epoch(self, device: torch.device, lrs: list[float]) -> None:
-        if self.loss_sum is None or self.batch == 0:
+        if self.loss_sum is None or self.batch == 0:  # not an epoch resumed part-way through
             self.loss_sum = torch.zeros((), device=device)
             self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
-        if self.epoch_lrs is None:  # a checkpoint from before epoch_lrs was saved
-            self.epoch_lrs = lrs
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
         self.epoch_lrs, self.lr_steps = None, {}
 
     def state_dict(self) -> dict:
+        """Where training stands; the running loss is each rank's own (runner.state.RankStreams saves it)."""
         return {
             "epoch": self.epoch,
             "batch": self.batch,
             "global_step": self.global_step,
-            "loss_sum": self.loss_sum.detach().cpu() if self.loss_sum is not None else None,
-            "samples": self.samples,
             "epoch_lrs": self.epoch_lrs,
             "lr_steps": dict(self.lr_steps),
         }
 
-    @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device) -> Progress:
-        loss_sum = state["loss_sum"].to(device) if state["loss_sum"] is not None else None
-        return cls(state["epoch"], state["batch"], state["global_step"], loss_sum, state["samples"],
-                   state.get("epoch_lrs"), dict(state.get("lr_steps", {})))
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
+        self.epoch_lrs, self.lr_steps = state["epoch_lrs"], dict(state["lr_steps"])
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:

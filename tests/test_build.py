@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import CONF
-from runner.build import build_everything, check_arguments
+from runner.build import build_everything
 from runner.errors import ConfigError
+from runner.schedules import RESERVED
+from runner.targets import check_arguments
 
 CPU = torch.device("cpu")
 COMBINATIONS = [
@@ -51,7 +53,7 @@ def test_optimizer_yaml_lists_real_arguments_with_torchs_defaults(make_config, o
 
 def test_all_argument_problems_come_in_one_message():
     with pytest.raises(ConfigError) as caught:
-        check_arguments("scheduler", torch.optim.lr_scheduler.StepLR, {"gama": 0.1, "optimizer": 1})
+        check_arguments("scheduler", torch.optim.lr_scheduler.StepLR, {"gama": 0.1, "optimizer": 1}, RESERVED)
     message = str(caught.value)
     assert "unknown argument gama" in message
     assert "optimizer is set by the runner" in message
@@ -72,13 +74,13 @@ def test_torch_refusing_an_argument_is_one_line(make_config):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["scheduler=cosine", "+scheduler.interval=batch"], "scheduler.interval='batch': use epoch"),
+        (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval='batch': use epoch"),
         (["scheduler=plateau", "scheduler.monitor=val_acc"], "scheduler.monitor='val_acc': ReduceLROnPlateau can watch train_loss, val_loss, val_accuracy."),
         (["scheduler=plateau", "scheduler.monitor=val_accuracy"], "scheduler.monitor=val_accuracy with scheduler.mode=min: the LR would be cut while val_accuracy improves; set scheduler.mode=max."),
         (["scheduler=plateau", "+scheduler.interval=step"], "ReduceLROnPlateau steps on a validation metric, once per epoch"),
         (["scheduler=cosine", "+scheduler.monitor=val_loss"], "scheduler.monitor is for ReduceLROnPlateau"),
         (["scheduler=plateau", "scheduler.factor=1.5"], "scheduler.factor=1.5: ReduceLROnPlateau factor must be between 0 and 1."),
-        (["scheduler=warmup_cosine", "scheduler.warmup=5", "trainer.epochs=5"], "scheduler.warmup=5: the warm-up must be at least 1 step and shorter than the run (5 scheduler steps)."),
+        (["scheduler=cosine", "scheduler.warmup=5", "trainer.epochs=5"], "scheduler.warmup=5: the warm-up must be at least 1 step and shorter than the run (5 scheduler steps)."),
         (["scheduler=onecycle", "+scheduler.total_steps=10"], "total_steps is set by the runner"),
         (["scheduler=lambda", "scheduler.interval=step", "scheduler.lr_lambda='1 / (100 - step)'", "trainer.epochs=3"], "fails at epoch=2, step=100"),
     ],

@@ -71,7 +71,7 @@ def test_two_processes_train_one_run_log_one_mlflow_run_and_checkpoint(uninterru
     assert len(list(cwd.glob("outputs/*/*"))) == 1, "rank 1's own Hydra directory is removed"
     (run_dir,) = run_dirs(cwd)
     assert [p.name for p in list_checkpoints(run_dir)][-1] == f"epoch-{EPOCHS:04d}-step-{EPOCHS * 45:08d}.pt"
-    assert len(bundle["ranks"]) == 2 and bundle["finished"]
+    assert len(bundle["ranks"]["ranks"]) == 2 and bundle["finished"]
     assert_logged_once_as(f"sqlite:///{cwd / 'mlflow.db'}", bundle, EPOCHS, steps_per_epoch=45)
     _, (logged,) = mlflow_runs(f"sqlite:///{cwd / 'mlflow.db'}", "runner")
     assert logged.data.tags["world_size"] == "2" and logged.data.tags["trainer.strategy"] == "ddp"
@@ -85,7 +85,7 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_does(tmp
     one, two = final_bundle(run_dir), uninterrupted[2]
     for name, value in one["model"].items():
         torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
-    for mine, theirs in zip(two["history"], one["history"], strict=True):
+    for mine, theirs in zip(two["history"]["epochs"], one["history"]["epochs"], strict=True):
         assert mine["lr"] == theirs["lr"]
         for key in ("train_loss", "val_loss", "val_accuracy"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
@@ -207,7 +207,7 @@ def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupt
     assert "DDP over 2 processes, gloo; 16 samples per process per step, 32 in all" in log
     assert log.count(f"epoch {EPOCHS}/{EPOCHS} lr") == 1
     bundle = final_bundle(tmp_path / "sweep" / "0")
-    assert len(bundle["ranks"]) == 2
+    assert len(bundle["ranks"]["ranks"]) == 2
     assert_same_result(bundle, uninterrupted[2])  # bitwise the run torchrun's two ranks train
     _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
     assert logged.info.status == "FINISHED" and logged.data.tags["world_size"] == "2"

@@ -52,7 +52,7 @@ def folders(tmp_path):
 @pytest.mark.slow
 def test_bf16_autocast_trains_and_resumes_exactly(folders):
     bundle = stop_and_resume_equals_uninterrupted(folders, "trainer.precision=bf16")
-    assert bundle["grad_scaler"] is None
+    assert "grad_scaler" not in bundle  # a part only where there is a GradScaler
     assert all(t.dtype == torch.float32 for t in bundle["model"].values()), "weights stay float32 under autocast"
 
 

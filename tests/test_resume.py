@@ -6,6 +6,7 @@ a real signal (SIGTERM or SIGKILL) after a given optimizer step or while a check
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -250,7 +251,7 @@ def test_a_forced_resume_into_a_model_it_does_not_fit_is_one_line(tmp_path):
     result = launch(tmp_path, f"resume={run_dir}", "resume_force=true", "model.hidden_sizes=[16]")
     assert result.returncode == 2
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert "does not fit this config's model/optimizer/scheduler" in error and "Traceback" not in result.stderr
+    assert "does not fit this config's model: Error(s) in loading state_dict" in error and "Traceback" not in result.stderr
 
 
 def test_resume_from_a_path_without_checkpoints_is_one_line(tmp_path):
@@ -260,16 +261,17 @@ def test_resume_from_a_path_without_checkpoints_is_one_line(tmp_path):
     assert "that run directory has no checkpoint to resume from" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_checkpoint_from_a_newer_format_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("other", [CHECKPOINT_FORMAT - 1, CHECKPOINT_FORMAT + 1])
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path, other):
     assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
     (run_dir,) = run_dirs(tmp_path)
     newest = list_checkpoints(run_dir)[-1]
     bundle = torch.load(newest, weights_only=True)
-    torch.save({**bundle, "format": CHECKPOINT_FORMAT + 1}, newest)
+    torch.save({**bundle, "format": other}, newest)
     result = launch(tmp_path)
     assert result.returncode == 2
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert f"was written in checkpoint format {CHECKPOINT_FORMAT + 1}, newer than this runner's {CHECKPOINT_FORMAT}" in error
+    assert f"is in checkpoint format {other}, this runner reads format {CHECKPOINT_FORMAT}" in error
 
 
 def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
@@ -278,12 +280,14 @@ def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == [f"epoch-000{e}-step-{45 * e:08d}.pt" for e in (2, 3, 4)]
     assert (run_dir / "checkpoints" / LATEST_MARKER).read_text().strip() == "epoch-0004-step-00000180.pt"
     bundle = final_bundle(run_dir)
-    for key in ("model", "optimizer", "scheduler", "progress", "ranks", "grad_scaler", "history", "best_val_loss",
-                "mlflow_run_id", "config", "fingerprint", "torch_version", "runner_version", "finished", "format"):
-        assert key in bundle, key
-    (only_rank,) = bundle["ranks"]  # one process: one rank's RNG streams
+    parts = {"model", "optimizer", "scheduler", "progress", "ranks", "history", "tracking"}  # 32-bit: no grad_scaler
+    assert set(bundle) == parts | {"config", "fingerprint", "torch_version", "runner_version", "finished", "format"}
+    (only_rank,) = bundle["ranks"]["ranks"]  # one process: one rank's RNG streams and running loss
+    assert set(only_rank) == {"rng", "loss_sum", "samples"}
     assert set(only_rank["rng"]) == {"python", "numpy", "torch", "cuda"}
-    assert bundle["best_val_loss"] == min(h["val_loss"] for h in bundle["history"])
+    assert len(bundle["history"]["epochs"]) == EPOCHS and bundle["progress"]["epoch"] == EPOCHS
+    # The MLflow run opens on the persist thread while training starts: a checkpoint written first holds no id yet.
+    assert bundle["tracking"]["mlflow_run_id"] in (None, json.loads((run_dir / "runner.json").read_text())["mlflow_run_id"])
     assert bundle["config"]["trainer"]["epochs"] == EPOCHS
 
 

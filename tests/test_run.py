@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF, metric_series, mlflow_runs
-from runner.run import RunContext, epoch_metrics, run
+from runner.run import RunContext, run
+from runner.session import epoch_metrics
 from runner.train import EpochResult
 
 SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
@@ -29,28 +30,41 @@ def scheduler_overrides(scheduler: str, optimizer: str) -> list[str]:
     }.get(scheduler, [])
 
 
-def torch_scheduler(optimizer: torch.optim.Optimizer, node: dict, total_steps: int):
-    """torch's own class for a scheduler node, built here by hand (not through the runner)."""
-    args = {k: v for k, v in node.items() if k not in ("interval", "monitor", "_recursive_")}
-    target = args.pop("_target_").rsplit(".", 1)[1]
+RUNNER_KEYS = ("interval", "monitor", "warmup", "warmup_start_factor", "_recursive_")
+# The lambda preset's expression, written as the Python function torch's LambdaLR would be given.
+PRESET_LAMBDAS = {"0.5 ** (epoch // 3)": lambda epoch: 0.5 ** (epoch // 3)}
+
+
+def torch_scheduler(optimizer: torch.optim.Optimizer, node: dict, total_steps: int, steps_per_epoch: int = 1):
+    """torch's own classes for a scheduler node, built here directly from its arguments (not through the runner):
+    the warm-up as torch's SequentialLR of LinearLR and the scheduler, the run's length where the YAML leaves it.
+    A lambda stepped per batch sees the epoch of each step; after a warm-up, its count starts at 0 again."""
     lr_scheduler = torch.optim.lr_scheduler
+    args = {k: v for k, v in node.items() if k not in RUNNER_KEYS}
+    target = args.pop("_target_").rsplit(".", 1)[1]
+    warmup = node.get("warmup", 0)
+    remaining = total_steps - warmup
     if target == "ExpressionLambdaLR":
-        source = args.pop("lr_lambda")
-        return lr_scheduler.LambdaLR(optimizer, lambda epoch: eval(source, {"epoch": epoch}))
-    if target == "warmup_cosine":
-        warmup = args["warmup"]
-        return lr_scheduler.SequentialLR(optimizer, [
-            lr_scheduler.LinearLR(optimizer, args["start_factor"], 1.0, warmup),
-            lr_scheduler.CosineAnnealingLR(optimizer, total_steps - warmup, args["eta_min"]),
-        ], [warmup])
-    if target == "sequential":
-        return lr_scheduler.SequentialLR(optimizer, [torch_scheduler(optimizer, child, total_steps) for child in args["schedulers"]],
-                                         args["milestones"])
-    if target == "chained":
-        return lr_scheduler.ChainedScheduler([torch_scheduler(optimizer, child, total_steps) for child in args["schedulers"]], optimizer)
-    if target == "OneCycleLR":
-        args["total_steps"] = total_steps
-    return getattr(lr_scheduler, target)(optimizer, **args)
+        of_epoch = PRESET_LAMBDAS[args["lr_lambda"]]
+        per_batch = node.get("interval") == "step"
+        main = lr_scheduler.LambdaLR(optimizer, lambda count: of_epoch(count // steps_per_epoch if per_batch else count))
+    elif target == "sequential":
+        children = [torch_scheduler(optimizer, child, remaining) for child in args["schedulers"]]
+        main = lr_scheduler.SequentialLR(optimizer, children, args["milestones"])
+    elif target == "chained":
+        children = [torch_scheduler(optimizer, child, remaining) for child in args["schedulers"]]
+        main = lr_scheduler.ChainedScheduler(children, optimizer)
+    else:
+        if target == "OneCycleLR":
+            args["total_steps"] = remaining
+        if target == "CosineAnnealingLR" and args["T_max"] is None:
+            args["T_max"] = remaining
+        main = getattr(lr_scheduler, target)(optimizer, **args)
+    if not warmup:
+        return main
+    return lr_scheduler.SequentialLR(
+        optimizer, [lr_scheduler.LinearLR(optimizer, node["warmup_start_factor"], 1.0, warmup), main], [warmup]
+    )
 
 
 def plain_torch_lrs(cfg, steps_per_epoch: int, metrics: list[float] | None = None) -> list[float]:
@@ -80,9 +94,10 @@ def plain_torch_lrs(cfg, steps_per_epoch: int, metrics: list[float] | None = Non
 
 
 def digits_steps_per_epoch(cfg) -> int:
-    from runner.build import build_node
+    from sklearn.datasets import load_digits
 
-    return math.ceil(len(build_node("data", cfg.data, seed=cfg.trainer.seed).train) / cfg.trainer.batch_size)
+    train_size = len(load_digits().target) - round(len(load_digits().target) * cfg.data.val_fraction)
+    return math.ceil(train_size / cfg.trainer.batch_size)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -164,7 +179,7 @@ def test_mlflow_run_has_params_tags_and_the_resolved_config(make_config, trackin
     assert logged.info.run_name == "scheduler=cosine,optimizer=adamw"
     params = logged.data.params
     assert params["optimizer._target_"] == "torch.optim.AdamW"
-    assert params["scheduler.T_max"] == "2"  # resolved from ${trainer.epochs}
+    assert params["scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert params["trainer.epochs"] == "2"
     tags = logged.data.tags
     assert tags["run_dir"] == str((tmp_path / "run").resolve())

@@ -9,6 +9,9 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from conftest import CONF
+from omegaconf import OmegaConf
+
 from runner.errors import ConfigError
 from runner.expr import ExpressionError
 from runner.schedules import ExpressionLambdaLR, simulate_schedule
@@ -107,10 +110,8 @@ def test_an_unknown_lambda_mode_names_both():
 
 
 def test_compositions_refuse_what_torch_would_get_wrong():
-    from runner.schedules import sequential, warmup_cosine
+    from runner.schedules import sequential
 
-    with pytest.raises(ConfigError, match="warmup=10: the warm-up must be .* shorter than the run \\(10 scheduler steps\\)"):
-        warmup_cosine(sgd(), warmup=10, total_steps=10)
     parts = [{"_target_": "torch.optim.lr_scheduler.ConstantLR"}, {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2}]
     with pytest.raises(ConfigError, match="2 schedulers need 1 milestones, not 2"):
         sequential(sgd(), parts, [2, 3])
@@ -118,3 +119,58 @@ def test_compositions_refuse_what_torch_would_get_wrong():
         sequential(sgd(), [*parts, parts[0]], [3, 2])
     with pytest.raises(ConfigError, match=r"scheduler.schedulers\[1\] \(torch.optim.lr_scheduler.StepLR\): unknown argument gama"):
         sequential(sgd(), [parts[0], {**parts[1], "gama": 0.5}], [2])
+
+
+WARMUP_PRESETS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml") if "warmup:" in p.read_text())
+
+
+def test_every_preset_but_the_compositions_and_plateau_takes_a_warmup():
+    presets = {p.stem for p in (CONF / "scheduler").glob("*.yaml")}
+    assert set(WARMUP_PRESETS) == presets - {"plateau", "sequential", "chained", "onecycle"}
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+@pytest.mark.parametrize("preset", WARMUP_PRESETS)
+def test_a_warmup_before_any_preset_is_torchs_sequentiallr_of_linearlr_and_that_preset(make_config, preset, interval):
+    from test_run import torch_scheduler
+
+    from runner.build import optimizer_builder
+    from runner.schedules import check_schedule, plan_schedule
+
+    epochs, steps_per_epoch = 8, 5 if interval == "step" else 1
+    warmup = 3 * steps_per_epoch
+    cfg = make_config(f"scheduler={preset}", f"scheduler.warmup={warmup}", f"scheduler.interval={interval}",
+                      f"trainer.epochs={epochs}", "scheduler.warmup_start_factor=0.25")
+    step_lrs: list[float] = []
+    check_schedule(plan_schedule(cfg.scheduler, epochs, steps_per_epoch), optimizer_builder(cfg), step_lrs)
+
+    node = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    optimizer = sgd()
+    scheduler = torch_scheduler(optimizer, node, epochs * steps_per_epoch, steps_per_epoch)
+    expected = []
+    for _ in range(epochs * steps_per_epoch):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert step_lrs == pytest.approx(expected, rel=1e-12)
+    assert step_lrs[0] == pytest.approx(0.025) and max(step_lrs) <= 0.1 + 1e-12
+
+
+@pytest.mark.parametrize("preset", ["plateau", "sequential", "chained", "onecycle"])
+def test_a_warmup_where_torch_cannot_put_one_is_refused_naming_the_fix(make_config, preset):
+    from runner.build import build_everything
+
+    with pytest.raises(ConfigError, match=r"scheduler.warmup=2: \w+ cannot follow a warm-up \(.*\); leave scheduler.warmup at 0"):
+        build_everything(make_config(f"scheduler={preset}", "+scheduler.warmup=2"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheduler.warmup=10", "trainer.epochs=10"], "scheduler.warmup=10: the warm-up must be at least 1 step and shorter than the run (10 scheduler steps)."),
+    (["scheduler.warmup=2", "scheduler.warmup_start_factor=0", "trainer.epochs=5"], "scheduler.warmup_start_factor=0.0: the warm-up starts at this fraction"),
+])
+def test_a_warmup_that_does_not_fit_is_refused(make_config, overrides, message):
+    from runner.build import build_everything
+
+    with pytest.raises(ConfigError) as caught:
+        build_everything(make_config("scheduler=cosine", *overrides), torch.device("cpu"))
+    assert message in str(caught.value)

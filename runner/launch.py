@@ -1,0 +1,131 @@
+"""What this launch does: start a fresh run, continue one (from which checkpoint), or say it is already done.
+
+Rank 0 decides (``decide_launch``) and every rank follows; the run directory is made here. Nothing is built yet.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.checkpoint import load_checkpoint, load_newest_valid
+from runner.errors import ConfigError
+from runner.resume import (
+    RunRecord,
+    config_fingerprint,
+    describe_differences,
+    find_latest_run,
+    record_for_path,
+    split_settings,
+)
+from runner.tracking import check_store_reachable, flatten
+
+
+@dataclass
+class RunContext:
+    """Where this launch's Hydra put it and how it was asked for (from Hydra, or made by hand in tests)."""
+
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option, e.g. scheduler -> cosine
+    sweep: dict[str, str] = field(default_factory=dict)  # sweep_id, sweep_dir, job_num: for a job of a multirun
+
+    @property
+    def run_name(self) -> str:
+        return ",".join(self.overrides) or "defaults"
+
+
+@dataclass
+class RunSettings:
+    """The resolved config, split into what decides the result (hashed into the fingerprint) and the rest."""
+
+    config: dict[str, Any]
+    result: dict[str, str]  # flattened; MLflow params
+    operational: dict[str, str]  # flattened; MLflow tags, free to change between launches
+    fingerprint: str
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunSettings:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        result, operational = split_settings(flatten(config))
+        return cls(config, result, operational, config_fingerprint(result))
+
+
+@dataclass
+class Launch:
+    """What this launch continues: nothing (a fresh run), or a run directory and perhaps one checkpoint file."""
+
+    record: RunRecord | None = None
+    checkpoint: Path | None = None
+    bundle: dict[str, Any] | None = None
+    forced_from: Path | None = None  # a new run started from another run's checkpoint
+    finished: bool = False  # resume=auto found this config already trained to the end
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "bundle": None}  # sent to the other ranks, which read the checkpoint file themselves
+
+    def checkpoint_bundle(self) -> dict[str, Any] | None:
+        if self.checkpoint is None:
+            return None
+        return self.bundle if self.bundle is not None else load_checkpoint(self.checkpoint)
+
+
+def refuse_sweep_under_torchrun(context: RunContext) -> None:
+    if context.sweep and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's processes would run every job in turn
+        raise ConfigError(
+            "a sweep (-m) under torchrun is not supported; start one torchrun per job, e.g. "
+            "`for s in cosine linear; do torchrun --nproc_per_node=N -m runner scheduler=$s; done`."
+        )
+
+
+def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
+    """What this launch continues, its run directory made and the checkpoint to start from chosen (rank 0)."""
+    check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
+    launch = _apply_resume(cfg, context, settings)
+    if launch.record is not None and launch.record.finished and cfg.resume == "auto":
+        launch.finished = True
+        return launch
+    if launch.record is not None and launch.checkpoint is None:
+        newest = load_newest_valid(launch.record.run_dir)  # None: killed before its first checkpoint; start over
+        if newest is not None:
+            launch.checkpoint, launch.bundle = newest
+    launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
+    launch.record.run_dir.mkdir(parents=True, exist_ok=True)
+    return launch
+
+
+def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
+    """``resume``: auto (the newest run of this config), never, or a given run directory or checkpoint."""
+    fingerprint = settings.fingerprint
+    own = RunRecord.load(context.run_dir)  # a requeued cluster job, or a fixed hydra.run.dir, lands in its old dir
+    if own is not None and (own.fingerprint != fingerprint or cfg.resume == "never"):
+        why = "resume=never" if own.fingerprint == fingerprint else "this config differs from that run's"
+        raise ConfigError(
+            f"{context.run_dir} already holds a run and {why}; give this run another directory "
+            f"(hydra.run.dir=... or hydra.sweep.dir=...) so that one is not overwritten."
+        )
+    if cfg.resume == "never":
+        return Launch()
+    if cfg.resume == "auto":
+        return Launch(own or find_latest_run([Path(root) for root in cfg.resume_search], fingerprint))
+    record, checkpoint = record_for_path(Path(cfg.resume))
+    if checkpoint is None:
+        newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))
+        if newest is None:
+            raise ConfigError(f"resume={cfg.resume}: none of its checkpoints can be read.")
+        checkpoint, bundle = newest
+    else:
+        bundle = load_checkpoint(checkpoint)
+    if record is not None and record.fingerprint == fingerprint == bundle["fingerprint"]:
+        return Launch(record, checkpoint, bundle)  # the same run: continue it in its own directory
+    if bundle["fingerprint"] != fingerprint and not cfg.resume_force:
+        saved = split_settings(flatten(bundle["config"]))[0]
+        raise ConfigError(
+            f"resume={cfg.resume}: that run's config differs ({describe_differences(saved, settings.result)}); "
+            f"add resume_force=true to start a new run from its checkpoint anyway."
+        )
+    return Launch(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state

@@ -1,0 +1,243 @@
+"""One launch's training of a run: the loop over the built objects, the state a checkpoint holds, what happens at
+each epoch's end (a checkpoint when due, then MLflow on the persist thread), and how the launch ends.
+
+Under DDP every rank has a session; rank 0 alone writes checkpoints (holding every rank's RNG streams), the run
+record and MLflow, and every rank takes part in the collectives (the stop agreement, the gather of RNG streams).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from runner import __version__
+from runner.build import Built
+from runner.checkpoint import save_checkpoint
+from runner.data import make_batcher
+from runner.device import precision_settings
+from runner.distributed import AgreedStop, Distributed
+from runner.errors import CheckpointError, Stopped
+from runner.launch import Launch, RunContext, RunSettings
+from runner.persist import Persister
+from runner.resume import RunRecord
+from runner.signals import StopFlag
+from runner.state import History, RankStreams, TrainingState
+from runner.tracking import Tracker, git_commit
+from runner.train import EpochResult, Loop, Progress, train
+
+log = logging.getLogger(__name__)
+
+
+def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
+    """The loop over the built objects: this rank's batchers, the model wrapped in DDP and compiled if asked."""
+    trainer = cfg.trainer
+    wrapped = ranks.wrap(built.model) if ranks.enabled else None
+    compiled = torch.compile(wrapped or built.model) if trainer.compile else None
+
+    def batcher(dataset, shuffle: bool):
+        return make_batcher(
+            dataset, trainer.batch_size, ranks.device, trainer.seed, shuffle, trainer.num_workers, ranks.rank,
+            ranks.world_size,
+        )  # fmt: skip
+
+    return Loop(
+        model=built.model,
+        optimizer=built.optimizer,
+        scheduler=built.scheduler,
+        train_batches=batcher(built.data.train, shuffle=True),
+        val_batches=batcher(built.data.val, shuffle=False),
+        classification=built.data.is_classification,
+        epochs=trainer.epochs,
+        progress_bar=trainer.progress_bar and ranks.is_main,
+        **precision_settings(trainer.precision, ranks.device),
+        forward=None if ranks.enabled else compiled,  # under DDP validation runs the plain model: no collectives
+        train_forward=(compiled or wrapped) if ranks.enabled else None,
+        ranks=ranks if ranks.enabled else None,
+        scheduler_per_batch=built.plan.stepped_per_batch,
+        monitor=built.plan.monitor,
+        log_lr_every=cfg.tracking.log_every_n_steps,
+    )
+
+
+def epoch_metrics(result: EpochResult) -> dict[str, float]:
+    """What MLflow gets for one epoch: ``lr`` (group 0), ``lr/group{i}`` when there are several, the losses."""
+    metrics = {"lr": result.lrs[0]}
+    if len(result.lrs) > 1:
+        metrics.update({f"lr/group{i}": lr for i, lr in enumerate(result.lrs)})
+    metrics.update(result.metrics)
+    return metrics
+
+
+class TrainingSession:
+    """The state of one run in this process, trained from where its checkpoint left it to the end or a stop."""
+
+    def __init__(self, cfg: DictConfig, built: Built, record: RunRecord, settings: RunSettings, ranks: Distributed):
+        self.trainer, self.record, self.settings, self.ranks = cfg.trainer, record, settings, ranks
+        self.loop = make_loop(cfg, built, ranks)
+        self.progress, self.history = Progress(), History()
+        self.state = TrainingState()
+        self.state.register("model", built.model)
+        self.state.register("optimizer", built.optimizer)
+        self.state.register("scheduler", built.scheduler)  # its base LRs and last_epoch: no initial_lr pitfall
+        if self.loop.scaler is not None:
+            self.state.register("grad_scaler", self.loop.scaler, optional=True)
+        self.state.register("progress", self.progress)
+        self.state.register("ranks", RankStreams(self.progress, ranks))  # after progress: it sets the running loss
+        self.state.register("history", self.history)
+        self.state.register("tracking", record)
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        self.persister = Persister()
+        self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
+        self.last_checkpoint = time.monotonic()
+
+    def resume(self, launch: Launch) -> None:
+        """Load the launch's checkpoint into every part; a forced start from another run keeps its own MLflow run.
+
+        Raises:
+            CheckpointError: the checkpoint does not fit this config (a forced resume across configs).
+        """
+        bundle = launch.checkpoint_bundle()
+        try:
+            self.state.load_state_dict(bundle, leave_out=("tracking",) if launch.forced_from else ())
+        except CheckpointError as err:
+            raise CheckpointError(f"{launch.checkpoint} {err}") from None
+        log.info(
+            f"resuming {self.record.run_dir} from {launch.checkpoint.name}: epoch {self.progress.epoch + 1}/"
+            f"{self.loop.epochs}, batch {self.progress.batch} of {len(self.loop.train_batches)}"
+        )
+
+    def start_tracking(self, context: RunContext, launch: Launch, resolved_config: Path) -> None:
+        """Open MLflow on the persist thread (rank 0), while the first steps run: importing it and opening its
+        store take seconds. It is that thread's first job, so every metric is logged after it."""
+        if not self.ranks.is_main:
+            return
+        logged_before = History(list(self.history.epochs), dict(self.history.lr_steps))
+
+        def open_tracking() -> None:
+            tracker, record = self.tracker, self.record
+            tracker.open(run_name=context.run_name, run_id=record.mlflow_run_id)
+            record.mlflow_run_id = tracker.run_id
+            record.save()
+            if not tracker.resumed:
+                tracker.log_params(self.settings.result)
+                tracker.log_artifact(resolved_config)
+            tracker.set_tags(self._tags(context, launch))  # runs `git`: off the training thread
+            # Epochs checkpointed but not logged when the last launch died:
+            tracker.log_epochs(list(enumerate(logged_before.epochs)))
+            tracker.log_series("lr_step", logged_before.lr_steps)
+            log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
+
+        self.persister.submit(open_tracking)
+
+    def _tags(self, context: RunContext, launch: Launch) -> dict[str, str]:
+        """Tags may change between launches (device, number of processes, tracking settings); params may not."""
+        tags = {
+            "run_dir": str(self.record.run_dir.resolve()),
+            "overrides": " ".join(context.overrides) or "(none)",
+            "device": str(self.ranks.device),
+            "world_size": str(self.ranks.world_size),
+            "config_fingerprint": self.record.fingerprint,
+            **context.choices,
+            **context.sweep,
+            **self.settings.operational,
+        }
+        if launch.forced_from is not None:
+            tags["started_from"] = str(launch.forced_from)
+        commit = git_commit(Path.cwd())
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        return tags
+
+    def run(self) -> float:
+        """Train to the end and return the final validation loss.
+
+        Raises:
+            Stopped: a stop signal ended the launch after a checkpoint.
+        """
+        flag = StopFlag().install()
+        stop = AgreedStop(flag, self.ranks) if self.ranks.enabled else flag
+        try:
+            completed = train(self.loop, self.progress, self.end_epoch, stop)
+            path = None if completed else self.checkpoint()
+            self.persister.close()  # every epoch logged before the run is called stopped or finished
+        except BaseException as err:
+            self._close_persister_quietly()
+            if self.tracker.opened:
+                self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            flag.uninstall()
+        if not completed:
+            if self.tracker.opened:
+                self.tracker.finish("KILLED")
+            self.ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
+            stop.hand_over()  # e.g. submitit requeues the job and exits here
+            raise Stopped(
+                f"stopped by {stop.signal_name} at epoch {self.progress.epoch + 1}, batch {self.progress.batch}; "
+                f"checkpoint {path}. Run the same command again to resume."
+            )
+        final_val_loss = self.history.epochs[-1]["val_loss"]
+        if self.ranks.is_main:
+            self.record.finished, self.record.final_val_loss = True, final_val_loss
+            self.record.save()
+            self.tracker.finish("FINISHED")
+        return final_val_loss
+
+    def end_epoch(self, result: EpochResult) -> None:
+        """Record the epoch's metrics and write a checkpoint when one is due.
+
+        A checkpoint is due every ``trainer.checkpoint_every`` epochs, but not sooner than
+        ``trainer.checkpoint_min_seconds`` after the last one (and always after the last epoch): a 15 ms epoch
+        would otherwise spend a fifth of its time writing. Checkpoints are written here, on the training thread, so
+        one is on disk when the epoch ends; MLflow logs only epochs a checkpoint already holds, so it never shows
+        an epoch a restart would train again. Under DDP rank 0's decision is shared.
+        """
+        metrics = epoch_metrics(result)
+        self.history.record(metrics, result.lr_steps)
+        self.unlogged.append((result.epoch, metrics, result.lr_steps))
+        epoch, trainer = self.progress.epoch, self.trainer
+        due = epoch == self.loop.epochs or self.ranks.share(
+            lambda: epoch % trainer.checkpoint_every == 0
+            and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
+        )
+        if due:
+            self.checkpoint()
+
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0)."""
+        state = self.state.state_dict()  # every rank: the RNG streams are gathered
+        if not self.ranks.is_main:
+            return None
+        path = save_checkpoint(self.record.run_dir, {**state, **self.checkpoint_header()}, self.trainer.keep_checkpoints)
+        self.last_checkpoint = time.monotonic()
+        epochs, self.unlogged = self.unlogged, []
+        partial = dict(self.progress.lr_steps)  # a stopped epoch's steps so far; its checkpoint holds them too
+        self.persister.submit(lambda: self._log(epochs, partial))
+        return path
+
+    def checkpoint_header(self) -> dict[str, Any]:
+        """What a checkpoint says about itself besides the parts' state (runner.state.CHECKPOINT_KEYS)."""
+        return {
+            "fingerprint": self.record.fingerprint,
+            "config": self.settings.config,
+            "finished": self.progress.epoch >= self.loop.epochs,
+            "torch_version": str(torch.__version__),
+            "runner_version": __version__,
+        }
+
+    def _log(self, epochs: list[tuple[int, dict[str, float], dict[int, float]]], partial: dict[int, float]) -> None:
+        self.tracker.log_epochs([(epoch, metrics) for epoch, metrics, _ in epochs])
+        steps = {step: lr for _, _, epoch_steps in epochs for step, lr in epoch_steps.items()}
+        self.tracker.log_series("lr_step", {**steps, **partial})
+
+    def _close_persister_quietly(self) -> None:
+        """Let the persist thread finish what it has while another error is on its way up; that one is reported."""
+        try:
+            self.persister.close()
+        except Exception as err:  # noqa: BLE001
+            log.warning(f"while stopping on an error, writing a checkpoint or logging also failed: {err}")

@@ -1,0 +1,67 @@
+"""The package's shape: no import cycle between its modules, lazy imports inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "runner"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``runner.*`` module a file imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("runner.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "runner":  # from runner import __version__, or a submodule by name
+                found |= {f"runner.{alias.name}" for alias in node.names}
+            elif node.module.startswith("runner."):
+                found.add(node.module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {f"runner.{path.stem}": path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    return {name: imported_modules(path) & modules.keys() for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (the first repeated at the end), or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        for target in sorted(graph.get(module, ())):
+            cycle = visit(target, [*path, module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_sees_top_level_and_lazy_imports():
+    graph = import_graph()
+    assert "runner.schedules" in graph["runner.build"]  # at the top of build.py
+    assert "runner.run" in graph["runner.__main__"]  # inside main(), so --cfg job imports no torch
+
+
+def test_no_import_cycle_inside_the_package():
+    assert find_cycle(import_graph()) is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from runner.errors import ConfigError
 
@@ -59,6 +59,10 @@ class RunnerConfig:
     data: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    loss: Any = MISSING
+    # null: the task's default metrics; else a list of names from runner.metrics.METRICS, or {name, _target_} nodes
+    metrics: Any = None
+    callbacks: Any = field(default_factory=dict)  # name -> a _target_ node (runner.callbacks.Callback)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # auto: continue the newest unfinished run of this config; never: a fresh run; or a run directory/checkpoint.
@@ -103,6 +107,10 @@ def check_settings(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and the fix.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        given = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"{', '.join(missing)} must be set (??? in the config); add {given} to the command.")
     trainer = cfg.trainer
     if trainer.epochs < 1:
         raise ConfigError(f"trainer.epochs must be at least 1, got {trainer.epochs}.")

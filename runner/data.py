@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,16 +24,104 @@ from runner.errors import ConfigError
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+TASKS = ("classification", "regression")
+
+
 @dataclass
 class DataSplits:
+    """What a data function returns: the training and validation (and optionally test) datasets.
+
+    A data function (``data._target_``) may also return a plain tuple ``(train, val)`` or ``(train, val, test)``
+    of ``torch.utils.data.Dataset``s whose items are ``(input, target)`` pairs; the runner completes it with
+    ``complete_splits``. What is left ``None`` is read from the data: the input shape from the first training
+    sample; the task from its target (an integer: classification, a float: regression); the classes from a
+    ``classes`` attribute of the training dataset, else, for tensors, from the largest label.
+    """
+
     train: Dataset
     val: Dataset
-    input_shape: tuple[int, ...]
-    num_classes: int | None  # None: regression
+    test: Dataset | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None  # classification only
+    classes: list[str] | None = None  # the class names, in label order
+    task: str | None = None  # classification | regression
+    # What the data function computed from the training split and evaluation must reuse (a table's feature means
+    # and deviations, its column names): plain values and tensors, stored in the checkpoint as its `data` part.
+    fitted: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_classification(self) -> bool:
-        return self.num_classes is not None
+        return self.task == "classification"
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs the model needs: one per class, or one per regression target."""
+        if self.is_classification:
+            return self.num_classes
+        target = self.train[0][1]
+        return int(torch.as_tensor(target).numel())
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: its classes and what was fitted on the training split."""
+        return {"classes": self.classes, "fitted": self.fitted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that the data still is what the checkpoint was trained on (a table edited since, say)."""
+        if state["classes"] != self.classes or not _same_values(state["fitted"], self.fitted):
+            raise ValueError("the data differs from the data this checkpoint was trained on (classes or the "
+                             "statistics of the training split); restore the data files or start a new run")  # fmt: skip
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def complete_splits(result: Any, source: str, settings: dict[str, Any] | None = None) -> DataSplits:
+    """A data function's result as a complete ``DataSplits``; ``settings`` are ``data.task``, ``data.num_classes``
+    and ``data.input_shape`` from the config, which win over what is read from the data.
+
+    Raises:
+        ConfigError: the result is not datasets, a split is empty, or the classes cannot be told.
+    """
+    if isinstance(result, list | tuple) and len(result) in (2, 3):
+        result = DataSplits(*result)
+    if not isinstance(result, DataSplits):
+        raise ConfigError(
+            f"{source} returned {type(result).__name__}; return (train, val), (train, val, test) or "
+            f"runner.data.DataSplits(train, val, ...), each a torch.utils.data.Dataset of (input, target) pairs."
+        )
+    for split in ("train", "val"):
+        if len(getattr(result, split)) == 0:
+            raise ConfigError(f"{source} returned an empty {split} split; it needs at least one sample.")
+    settings = {key: value for key, value in (settings or {}).items() if value is not None}
+    first_input, first_target = result.train[0]
+    result.input_shape = tuple(settings.get("input_shape") or result.input_shape or torch.as_tensor(first_input).shape)
+    classes = result.classes or getattr(result.train, "classes", None)
+    result.classes = [str(c) for c in classes] if classes is not None else None
+    result.num_classes = settings.get("num_classes") or result.num_classes or (len(classes) if classes else None)
+    integer_target = not torch.as_tensor(first_target).is_floating_point()
+    result.task = settings.get("task") or result.task or ("classification" if result.num_classes or integer_target
+                                                          else "regression")  # fmt: skip
+    if result.task not in TASKS:
+        raise ConfigError(f"data.task={result.task!r}: use classification or regression.")
+    if result.is_classification and result.num_classes is None:
+        result.num_classes = _largest_label(result.train, source) + 1
+    return result
+
+
+def _largest_label(dataset: Dataset, source: str) -> int:
+    if isinstance(dataset, TensorDataset):
+        return int(dataset.tensors[1].max())
+    raise ConfigError(
+        f"{source}: cannot tell the number of classes; give the training dataset a `classes` attribute, return "
+        f"DataSplits(..., num_classes=N), or set data.num_classes=N."
+    )
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
@@ -63,7 +152,7 @@ def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
     return math.ceil(shard_size(size, 0, world_size, pad=True) / (batch_size // world_size))
 
 
-def _split(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
@@ -72,12 +161,13 @@ def _split(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, tor
 
 
 def _tensor_splits(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int, num_classes: int | None) -> DataSplits:
-    train_idx, val_idx = _split(len(x), val_fraction, seed)
+    train_idx, val_idx = split_indices(len(x), val_fraction, seed)
     return DataSplits(
         TensorDataset(x[train_idx], y[train_idx]),
         TensorDataset(x[val_idx], y[val_idx]),
-        tuple(x.shape[1:]),
-        num_classes,
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        task="classification" if num_classes else "regression",
     )
 
 
@@ -152,8 +242,10 @@ def load_cifar10(seed: int, root: str = "data", download: bool = False, val_frac
 
     normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     dataset = _torchvision_dataset("CIFAR10", root, download, transform=transforms.Compose([transforms.ToTensor(), normalize]))
-    train_idx, val_idx = _split(len(dataset), val_fraction, seed)
-    return DataSplits(Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist()), (3, 32, 32), 10)
+    train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
+    classes = list(dataset.classes)
+    train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
+    return DataSplits(train, val, input_shape=(3, 32, 32), num_classes=10, classes=classes)
 
 
 def load_fake(seed: int, size: int = 1000, image_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, val_fraction: float = 0.2) -> DataSplits:
@@ -161,8 +253,9 @@ def load_fake(seed: int, size: int = 1000, image_size: tuple[int, int, int] = (3
     from torchvision import datasets, transforms
 
     dataset = datasets.FakeData(size, tuple(image_size), num_classes, transform=transforms.ToTensor(), random_offset=seed)
-    train_idx, val_idx = _split(size, val_fraction, seed)
-    return DataSplits(Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist()), tuple(image_size), num_classes)
+    train_idx, val_idx = split_indices(size, val_fraction, seed)
+    train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
+    return DataSplits(train, val, input_shape=tuple(image_size), num_classes=num_classes)
 
 
 class DeviceBatcher:

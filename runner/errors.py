@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 # sysexits.h's EX_USAGE-like "bad input", and EX_TEMPFAIL, "temporary failure; the user is invited to retry":
 # stopped, checkpointed, resumable.
@@ -35,6 +36,35 @@ class Stopped(RunnerError):
     """A stop signal ended the launch after a checkpoint; the same command resumes."""
 
     exit_code = EXIT_STOPPED
+
+
+class UserCodeError(RunnerError):
+    """The user's own code (data function, loss, metric, callback) raised: reported with its traceback frames and
+    the hook it came from, since that is the user's bug to see."""
+
+    exit_code = 1
+
+
+# Packages whose frames are not the user's code: left out of a UserCodeError's traceback.
+LIBRARY_PACKAGES = ("runner", "torch", "torchvision", "torchmetrics", "hydra", "omegaconf", "numpy", "pandas")
+
+
+def is_users_code(thing: object) -> bool:
+    """Whether an object (a function, a class, an instance) comes from outside the runner and its libraries."""
+    kind = thing if isinstance(thing, type) or callable(thing) and hasattr(thing, "__code__") else type(thing)
+    module = getattr(kind, "__module__", None) or ""
+    return module.split(".", 1)[0] not in LIBRARY_PACKAGES
+
+
+def users_traceback(err: BaseException) -> str:
+    """The frames of ``err``'s traceback that are the user's (not the runner's or its libraries'), as text."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(err.__traceback__)
+        if not any(f"{os.sep}{package}{os.sep}" in frame.filename for package in LIBRARY_PACKAGES)
+    ]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(err), err)
+    return "Traceback (the user's code, most recent call last):\n" + "".join(lines)
 
 
 class ReportedByRankZero(RunnerError):
@@ -73,6 +103,8 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     line = message if isinstance(err, Stopped) else f"error: {message}"
+    if isinstance(err, UserCodeError) and err.__cause__ is not None:
+        line += "\n" + users_traceback(err.__cause__).rstrip()
     if logger is None:
         print(line, file=sys.stderr)
     elif isinstance(err, Stopped):

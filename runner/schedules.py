@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import (
 
 from runner.errors import ConfigError
 from runner.expr import compile_expression
-from runner.metrics import logged_metrics, metric
+from runner.metrics import METRICS, RunMetrics, split_and_metric
 from runner.targets import build_node, node_arguments, resolve_target
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,12 @@ def _setting(node: DictConfig, key: str) -> Any:
     return SCHEDULER_SETTINGS[key] if value is None else value
 
 
-def plan_schedule(node: DictConfig, epochs: int, steps_per_epoch: int = 1, classification: bool = True) -> SchedulePlan:
+def plan_schedule(
+    node: DictConfig, epochs: int, steps_per_epoch: int = 1, metrics: RunMetrics | None = None
+) -> SchedulePlan:
     """Read and check a scheduler node: its interval, monitor and warm-up, and arguments that would fail later.
+
+    ``metrics`` (once the data is known) are the metrics the run logs, which a plateau scheduler may watch.
 
     Raises:
         ConfigError: an unknown interval, a plateau scheduler stepped per batch or watching a metric that is not
@@ -232,7 +236,7 @@ def plan_schedule(node: DictConfig, epochs: int, steps_per_epoch: int = 1, class
         if problem:
             raise ConfigError(f"scheduler.{key}={arguments[key]!r}: {target.__name__} {problem}.")
     plateau = isinstance(target, type) and issubclass(target, ReduceLROnPlateau)
-    monitor = _check_monitor(node, interval, classification) if plateau else None
+    monitor = _check_monitor(node, interval, metrics) if plateau else None
     if not plateau and "monitor" in node:
         raise ConfigError(
             f"scheduler.monitor is for ReduceLROnPlateau (scheduler=plateau); {target.__name__} steps without a metric."
@@ -251,21 +255,21 @@ def plan_schedule(node: DictConfig, epochs: int, steps_per_epoch: int = 1, class
     return plan
 
 
-def _check_monitor(node: DictConfig, interval: str, classification: bool) -> str:
+def _check_monitor(node: DictConfig, interval: str, metrics: RunMetrics | None) -> str:
     monitor = _setting(node, "monitor")
-    logged = logged_metrics(classification)
-    if monitor not in logged:
-        raise ConfigError(f"scheduler.monitor={monitor!r}: ReduceLROnPlateau can watch {', '.join(logged)}.")
-    better, mode = metric(monitor).mode, node.get("mode", "min")
-    if mode != better:
-        raise ConfigError(
-            f"scheduler.monitor={monitor} with scheduler.mode={mode}: the LR would be cut while {monitor} improves; "
-            f"set scheduler.mode={better}."
-        )
     if interval == "step":
         raise ConfigError(
             "scheduler.interval=step: ReduceLROnPlateau steps on a validation metric, once per epoch; "
             "use scheduler.interval=epoch."
+        )
+    if metrics is not None and monitor not in metrics.logged():
+        raise ConfigError(f"scheduler.monitor={monitor!r}: ReduceLROnPlateau can watch {', '.join(metrics.logged())}.")
+    entry = metrics.find(monitor, "scheduler.monitor") if metrics else METRICS.get(split_and_metric(monitor)[1])
+    better, mode = entry.mode if entry else None, node.get("mode", "min")
+    if better is not None and mode != better:  # None: the user's own metric, checked once the metrics are built
+        raise ConfigError(
+            f"scheduler.monitor={monitor} with scheduler.mode={mode}: the LR would be cut while {monitor} improves; "
+            f"set scheduler.mode={better}."
         )
     return monitor
 

@@ -51,8 +51,9 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
         scheduler=built.scheduler,
         train_batches=batcher(built.data.train, shuffle=True),
         val_batches=batcher(built.data.val, shuffle=False),
-        classification=built.data.is_classification,
+        loss_fn=built.loss,
         epochs=trainer.epochs,
+        metrics={name: metric.to(ranks.device) for name, metric in built.metrics.computers.items()},
         progress_bar=trainer.progress_bar and ranks.is_main,
         **precision_settings(trainer.precision, ranks.device),
         forward=None if ranks.enabled else compiled,  # under DDP validation runs the plain model: no collectives
@@ -89,7 +90,11 @@ class TrainingSession:
         self.state.register("progress", self.progress)
         self.state.register("ranks", RankStreams(self.progress, ranks))  # after progress: it sets the running loss
         self.state.register("history", self.history)
+        self.state.register("callbacks", built.callbacks)
+        self.state.register("data", built.data)  # its classes and what was fitted on the training split
         self.state.register("tracking", record)
+        self.callbacks, self.data = built.callbacks, built.data
+        self.stopped_by: str | None = None  # the callback that ended training early
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         self.persister = Persister()
         self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
@@ -148,6 +153,8 @@ class TrainingSession:
         }
         if launch.forced_from is not None:
             tags["started_from"] = str(launch.forced_from)
+        if self.data.classes:
+            tags["data.classes"] = ",".join(self.data.classes)
         commit = git_commit(Path.cwd())
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -162,7 +169,10 @@ class TrainingSession:
         flag = StopFlag().install()
         stop = AgreedStop(flag, self.ranks) if self.ranks.enabled else flag
         try:
+            self.callbacks.on_train_start()
             completed = train(self.loop, self.progress, self.end_epoch, stop)
+            if completed:
+                self.callbacks.on_train_end(self.history.epochs[-1])
             path = None if completed else self.checkpoint()
             self.persister.close()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
@@ -182,14 +192,17 @@ class TrainingSession:
                 f"checkpoint {path}. Run the same command again to resume."
             )
         final_val_loss = self.history.epochs[-1]["val_loss"]
+        if self.stopped_by is not None:
+            log.info(f"stopped early by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}")
         if self.ranks.is_main:
             self.record.finished, self.record.final_val_loss = True, final_val_loss
             self.record.save()
             self.tracker.finish("FINISHED")
         return final_val_loss
 
-    def end_epoch(self, result: EpochResult) -> None:
-        """Record the epoch's metrics and write a checkpoint when one is due.
+    def end_epoch(self, result: EpochResult) -> bool:
+        """Record the epoch's metrics, call the callbacks, and write a checkpoint when one is due; True when a
+        callback ended training.
 
         A checkpoint is due every ``trainer.checkpoint_every`` epochs, but not sooner than
         ``trainer.checkpoint_min_seconds`` after the last one (and always after the last epoch): a 15 ms epoch
@@ -200,13 +213,16 @@ class TrainingSession:
         metrics = epoch_metrics(result)
         self.history.record(metrics, result.lr_steps)
         self.unlogged.append((result.epoch, metrics, result.lr_steps))
+        asked = self.callbacks.on_epoch_end(result.epoch, metrics)  # before the checkpoint, which holds their state
+        self.stopped_by = self.ranks.share(lambda: asked)  # rank 0's callbacks decide for all
         epoch, trainer = self.progress.epoch, self.trainer
-        due = epoch == self.loop.epochs or self.ranks.share(
+        due = epoch == self.loop.epochs or self.stopped_by is not None or self.ranks.share(
             lambda: epoch % trainer.checkpoint_every == 0
             and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
         )
         if due:
             self.checkpoint()
+        return self.stopped_by is not None
 
     def checkpoint(self) -> Path | None:
         """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0)."""
@@ -225,7 +241,7 @@ class TrainingSession:
         return {
             "fingerprint": self.record.fingerprint,
             "config": self.settings.config,
-            "finished": self.progress.epoch >= self.loop.epochs,
+            "finished": self.progress.epoch >= self.loop.epochs or self.stopped_by is not None,
             "torch_version": str(torch.__version__),
             "runner_version": __version__,
         }

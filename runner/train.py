@@ -12,11 +12,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
+
+from runner.errors import UserCodeError, is_users_code
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class Loop:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_batches: Batches
     val_batches: Batches
-    classification: bool
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     epochs: int
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> torchmetrics.Metric, on the device
     progress_bar: bool = True
     autocast_dtype: torch.dtype | None = None  # bf16 / 16-mixed precision
     scaler: torch.amp.GradScaler | None = None  # 16-mixed: scales the loss so float16 gradients do not underflow
@@ -72,10 +74,12 @@ class Loop:
     ranks: Ranks | None = None  # under DDP: sums over the ranks
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        outputs = outputs.float()  # the loss in float32 under autocast too
-        if self.classification:
-            return F.cross_entropy(outputs, targets)
-        return F.mse_loss(outputs, targets)
+        try:
+            return self.loss_fn(outputs.float(), targets)  # the loss in float32 under autocast too
+        except Exception as err:
+            if not is_users_code(self.loss_fn):
+                raise
+            raise UserCodeError(f"the loss ({type(self.loss_fn).__name__}) raised {type(err).__name__}: {err}") from err
 
     def outputs(self, inputs: torch.Tensor, training: bool = False) -> torch.Tensor:
         forward = (self.train_forward if training else None) or self.forward or self.model
@@ -162,26 +166,33 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
 
 
 @torch.no_grad()
-def evaluate(loop: Loop) -> dict[str, float]:
-    """Mean validation loss, and accuracy for classification (over every rank's shard)."""
+def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
+    """The mean loss and every metric over the split (over every rank's shard under DDP; torchmetrics syncs)."""
     if loop.ranks is not None:
         loop.ranks.sync_buffers(loop.model)
     loop.model.eval()
     device = next(loop.model.parameters()).device
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
     samples = 0
-    for inputs, targets in loop.val_batches.epoch(0):
+    for metric in loop.metrics.values():
+        metric.reset()
+    for inputs, targets in getattr(loop, f"{split}_batches").epoch(0):
         outputs = loop.outputs(inputs).float()
         loss_sum += loop.loss(outputs, targets) * len(targets)
-        if loop.classification:
-            correct += (outputs.argmax(dim=1) == targets).sum()
         samples += len(targets)
-    loss_total, correct_total, samples = _summed(loop, loss_sum, correct, samples)
-    metrics = {"val_loss": loss_total / max(samples, 1)}
-    if loop.classification:
-        metrics["val_accuracy"] = correct_total / max(samples, 1)
-    return metrics
+        for metric in loop.metrics.values():
+            metric.update(*metric_inputs(outputs, targets))
+    loss_total, samples = _summed(loop, loss_sum, samples)
+    values = {f"{split}_loss": loss_total / max(samples, 1)}
+    values.update({f"{split}_{name}": float(metric.compute()) for name, metric in loop.metrics.items()})
+    return values
+
+
+def metric_inputs(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchmetrics takes one regression output as a vector, not an (N, 1) column."""
+    if outputs.ndim == 2 and outputs.shape[1] == 1 and targets.is_floating_point():
+        return outputs.squeeze(1), targets.reshape(-1)
+    return outputs, targets
 
 
 def _summed(loop: Loop, *values: float | torch.Tensor) -> list[float]:
@@ -194,10 +205,12 @@ def _summed(loop: Loop, *values: float | torch.Tensor) -> list[float]:
 def train(
     loop: Loop,
     progress: Progress,
-    on_epoch_end: Callable[[EpochResult], None],
+    on_epoch_end: Callable[[EpochResult], bool | None],
     should_stop: Callable[..., bool] = lambda step, epoch_end=False: False,
 ) -> bool:
     """Train from ``progress`` to ``loop.epochs``; True when done, False when a stop was asked for.
+
+    ``on_epoch_end`` returning True ends training there, done (a callback's early stop).
 
     A scheduler stepped per epoch steps after the epoch's optimizer steps (ReduceLROnPlateau after validation,
     on its metric), so the LR recorded for an epoch is the LR of every one of its steps. A stop asked for
@@ -220,7 +233,8 @@ def train(
         result.seconds = time.perf_counter() - started
         progress.finish_epoch()
         log.info(result.summary(loop.epochs))
-        on_epoch_end(result)
+        if on_epoch_end(result):
+            return True
         if should_stop(progress.global_step, epoch_end=True) and progress.epoch < loop.epochs:
             return False
     return True

@@ -25,7 +25,7 @@ from runner.signals import FAULT_AT_STEP_ENV
 EPOCHS = 4  # digits: 1438 training samples, 45 global batches of 32 (16 per rank) per epoch
 BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
         "optimizer=adam", "optimizer.lr=0.01", "scheduler=cosine", "tracking.log_every_n_steps=5",
-        "trainer.checkpoint_min_seconds=0"]
+        "trainer.checkpoint_min_seconds=0", "metrics=[accuracy,f1]"]  # torchmetrics, summed over the ranks
 
 
 def torchrun(cwd: Path, *overrides: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), fault: str | None = None,
@@ -87,7 +87,7 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_does(tmp
         torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     for mine, theirs in zip(two["history"]["epochs"], one["history"]["epochs"], strict=True):
         assert mine["lr"] == theirs["lr"]
-        for key in ("train_loss", "val_loss", "val_accuracy"):
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_f1"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
 
 

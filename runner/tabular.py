@@ -1,0 +1,149 @@
+"""Tables as data: ``data=csv data.path=table.csv data.target=label`` (CSV, or Parquet by its suffix).
+
+Features are the other columns (or ``data.features``), all numeric; a target of strings or integers is a
+classification (the class names kept, sorted), a float target a regression; ``data.task`` decides where the
+user wants to. Features are standardised with the mean and deviation of the training rows only; those, the
+column names and the classes travel in the checkpoint (the ``data`` part), so evaluating a checkpoint uses the
+same. Every problem with the file is one line naming the file, the column and, for a bad cell, the row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from runner.data import TASKS, DataSplits, split_indices
+from runner.errors import ConfigError
+
+
+def read_table(path: str, key: str = "data.path"):
+    """The file as a pandas DataFrame: Parquet by its suffix, CSV otherwise."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}={path}: no such file (relative paths are from where you run the command).")
+    try:
+        if file.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(file)
+        return pd.read_csv(file, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{key}={path}: the file is empty; it needs a header row and at least one data row.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
+        message = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{key}={path}: cannot be read as a table ({message}).") from None
+
+
+def _check_cells(table, path: str, columns: list[str]) -> None:
+    """Refuse an empty or NaN cell, naming the column and the row (the file's line, for a CSV)."""
+    missing = table[columns].isna()
+    if missing.to_numpy().any():
+        column = next(c for c in columns if missing[c].any())
+        row = int(missing[column].to_numpy().nonzero()[0][0])
+        line = f" (line {row + 2} of the file)" if not str(path).lower().endswith((".parquet", ".pq")) else ""
+        raise ConfigError(
+            f"data: {path} has an empty or NaN cell in column {column!r}, data row {row + 1}{line}; fill it or drop "
+            f"that row."
+        )
+
+
+def _feature_columns(table, path: str, target: str, features: list[str] | None) -> list[str]:
+    import pandas as pd
+
+    if target not in table.columns:
+        raise ConfigError(f"data.target={target!r}: {path} has no such column; its columns are {', '.join(map(str, table.columns))}.")
+    columns = list(features) if features else [c for c in table.columns if c != target]
+    unknown = [c for c in columns if c not in table.columns]
+    if unknown:
+        raise ConfigError(f"data.features: {path} has no column {', '.join(map(repr, unknown))}; its columns are "
+                          f"{', '.join(map(str, table.columns))}.")  # fmt: skip
+    if not columns:
+        raise ConfigError(f"data: {path} has no feature column besides the target {target!r}.")
+    text = [c for c in columns if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])]
+    if text:
+        raise ConfigError(
+            f"data: feature column {text[0]!r} of {path} is not numeric; encode it as numbers, or leave it out by "
+            f"listing the features to use: data.features=[{','.join(c for c in columns if c not in text)}]."
+        )
+    return columns
+
+
+def _targets(values, task: str, classes: list[str] | None, path: str, target: str) -> tuple[torch.Tensor, list[str] | None]:
+    if task == "regression":
+        try:
+            return torch.tensor(values.astype("float32").to_numpy()).unsqueeze(1), None
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.target={target!r}: {path} has non-numeric values there; a regression needs "
+                              f"numbers (or set data.task=classification).") from None  # fmt: skip
+    names = [str(v) for v in values.to_numpy()]
+    if classes is None:
+        classes = _sorted_labels(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(names) - index.keys())
+    if unknown:
+        raise ConfigError(f"data: {path} has classes in {target!r} the training file lacks: {', '.join(unknown[:5])}.")
+    return torch.tensor([index[name] for name in names], dtype=torch.long), classes
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    """Class names in label order: by value when they are all integers (2 before 10), else alphabetically."""
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def infer_task(values) -> str:
+    """Strings, integers and booleans are class labels; floats are quantities."""
+    import pandas as pd
+
+    return "regression" if pd.api.types.is_float_dtype(values) else "classification"
+
+
+def load_csv(
+    seed: int,
+    path: str,
+    target: str,
+    features: list[str] | None = None,
+    task: str | None = None,
+    val_path: str | None = None,
+    val_fraction: float = 0.2,
+    standardize: bool = True,
+) -> DataSplits:
+    """A table's rows as samples: ``target`` is what to predict, the other (or the listed) columns the input."""
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"data.task={task!r}: use classification or regression (or leave it out to infer it).")
+    table = read_table(path)
+    columns = _feature_columns(table, path, target, features)
+    _check_cells(table, path, [*columns, target])
+    task = task or infer_task(table[target])
+    y, classes = _targets(table[target], task, None, path, target)
+    x = torch.tensor(table[columns].astype("float32").to_numpy())
+    if val_path is None:
+        train_idx, val_idx = split_indices(len(x), val_fraction, seed)
+        x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    else:
+        val_table = read_table(val_path, "data.val_path")
+        _feature_columns(val_table, val_path, target, columns)
+        _check_cells(val_table, val_path, [*columns, target])
+        x_train, y_train = x, y
+        x_val = torch.tensor(val_table[columns].astype("float32").to_numpy())
+        y_val, _ = _targets(val_table[target], task, classes, val_path, target)
+    fitted: dict[str, Any] = {"features": [str(c) for c in columns], "target": target}
+    if standardize:
+        mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as it is, centred
+        x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+        fitted.update(mean=mean, std=std)
+    return DataSplits(
+        TensorDataset(x_train, y_train),
+        TensorDataset(x_val, y_val),
+        input_shape=(len(columns),),
+        num_classes=len(classes) if classes else None,
+        classes=classes,
+        task=task,
+        fitted=fitted,
+    )

@@ -49,10 +49,7 @@ def one_cycle_ultralytics(y1=0.0, y2=1.0, steps=100):
 # EEIC-Lab/DREB-Net lib/utils/general.py
 def one_flat_cycle(y1=0.0, y2=1.0, steps=100):
     return lambda x: (
-        ((1 - math.cos((x - (steps // 2)) * math.pi / (steps // 2))) / 2) * (y2 - y1)
-        + y1
-        if (x > (steps // 2))
-        else y1
+        ((1 - math.cos((x - (steps // 2)) * math.pi / (steps // 2))) / 2) * (y2 - y1) + y1 if (x > (steps // 2)) else y1
     )
 
 
@@ -67,8 +64,7 @@ def hf_linear(num_warmup_steps, num_training_steps):
             return float(current_step) / float(max(1, num_warmup_steps))
         return max(
             0.0,
-            float(num_training_steps - current_step)
-            / float(max(1, num_training_steps - num_warmup_steps)),
+            float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps)),
         )
 
     return lr_lambda
@@ -78,12 +74,8 @@ def hf_cosine(num_warmup_steps, num_training_steps, num_cycles=0.5):
     def lr_lambda(current_step):
         if current_step < num_warmup_steps:
             return float(current_step) / float(max(1, num_warmup_steps))
-        progress = float(current_step - num_warmup_steps) / float(
-            max(1, num_training_steps - num_warmup_steps)
-        )
-        return max(
-            0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
-        )
+        progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
 
     return lr_lambda
 
@@ -92,9 +84,7 @@ def hf_cosine_hard_restarts(num_warmup_steps, num_training_steps, num_cycles=1):
     def lr_lambda(current_step):
         if current_step < num_warmup_steps:
             return float(current_step) / float(max(1, num_warmup_steps))
-        progress = float(current_step - num_warmup_steps) / float(
-            max(1, num_training_steps - num_warmup_steps)
-        )
+        progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
         if progress >= 1.0:
             return 0.0
         return max(
@@ -105,9 +95,7 @@ def hf_cosine_hard_restarts(num_warmup_steps, num_training_steps, num_cycles=1):
     return lr_lambda
 
 
-def hf_polynomial(
-    num_warmup_steps, num_training_steps, lr_init, lr_end=1e-7, power=1.0
-):
+def hf_polynomial(num_warmup_steps, num_training_steps, lr_init, lr_end=1e-7, power=1.0):
     def lr_lambda(current_step: int):
         if current_step < num_warmup_steps:
             return float(current_step) / float(max(1, num_warmup_steps))
@@ -190,9 +178,7 @@ def provarun_get_lr(it, all, learning_rate, warmup_iters):
 
 
 # stanford-cs336/spring2024-assignment4-data cs336-basics/cs336_basics/optimizer.py
-def get_cosine_lr(
-    it, max_learning_rate, min_learning_rate, warmup_iters, cosine_cycle_iters
-):
+def get_cosine_lr(it, max_learning_rate, min_learning_rate, warmup_iters, cosine_cycle_iters):
     if it < warmup_iters:
         return max_learning_rate * it / warmup_iters
     if it > cosine_cycle_iters:
@@ -224,10 +210,7 @@ def enformer(num_step, epochs, warmup=True, warmup_epochs=1, warmup_factor=1e-3)
             alpha = float(x) / (warmup_epochs * num_step)
             return warmup_factor * (1 - alpha) + alpha
         else:
-            return (
-                1
-                - (x - warmup_epochs * num_step) / ((epochs - warmup_epochs) * num_step)
-            ) ** 0.9
+            return (1 - (x - warmup_epochs * num_step) / ((epochs - warmup_epochs) * num_step)) ** 0.9
 
     return f
 
@@ -271,9 +254,7 @@ def poly_lr(epoch, max_epochs, initial_lr, exponent=0.9):
 
 
 # apple/pfl-research benchmarks/utils/callback/pytorch.py (lr_init = optimizer.defaults["lr"] = 0.1)
-apple_polynomial = (
-    hf_polynomial  # the same body, copied from transformers v4.6 (the file says so)
-)
+apple_polynomial = hf_polynomial  # the same body, copied from transformers v4.6 (the file says so)
 
 
 # Gaelledumont/Projet-MLA training/schedulers.py PolynomialDecayLR.get_lr (base_lr 1e-3, warmup 100, total 1000)
@@ -304,31 +285,20 @@ def step_decay(epoch):
 
 
 # Megvii-BaseDetection/YOLOX yolox/utils/lr_scheduler.py yolox_warm_cos_lr (as copied into many YOLO repos)
-def yolox_warm_cos_lr(
-    lr, min_lr, total_iters, warmup_total_iters, warmup_lr_start, no_aug_iter, iters
-):
+def yolox_warm_cos_lr(lr, min_lr, total_iters, warmup_total_iters, warmup_lr_start, no_aug_iter, iters):
     if iters <= warmup_total_iters:
-        lr = (lr - warmup_lr_start) * pow(
-            iters / float(warmup_total_iters), 2
-        ) + warmup_lr_start
+        lr = (lr - warmup_lr_start) * pow(iters / float(warmup_total_iters), 2) + warmup_lr_start
     elif iters >= total_iters - no_aug_iter:
         lr = min_lr
     else:
         lr = min_lr + 0.5 * (lr - min_lr) * (
-            1.0
-            + math.cos(
-                math.pi
-                * (iters - warmup_total_iters)
-                / (total_iters - warmup_total_iters - no_aug_iter)
-            )
+            1.0 + math.cos(math.pi * (iters - warmup_total_iters) / (total_iters - warmup_total_iters - no_aug_iter))
         )
     return lr
 
 
 # facebookresearch/fairseq fairseq/optim/lr_scheduler/inverse_square_root_schedule.py (lr 5e-4, 4000 warm-up updates)
-def fairseq_inverse_sqrt(
-    num_updates, lr=5e-4, warmup_updates=4000, warmup_init_lr=1e-7
-):
+def fairseq_inverse_sqrt(num_updates, lr=5e-4, warmup_updates=4000, warmup_init_lr=1e-7):
     lr_step = (lr - warmup_init_lr) / warmup_updates
     decay_factor = lr * warmup_updates**0.5
     if num_updates < warmup_updates:
@@ -469,9 +439,7 @@ def test_the_corpus_is_large_enough_and_each_case_has_a_source():
 def test_a_real_lambda_gives_the_original_values_over_the_whole_run(case: Case):
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     stepped_per_batch = case.interval == "step"
-    total_scheduler_steps = case.epochs * (
-        case.steps_per_epoch if stepped_per_batch else 1
-    )
+    total_scheduler_steps = case.epochs * (case.steps_per_epoch if stepped_per_batch else 1)
     scheduler = ExpressionLambdaLR(optimizer, case.expression, mode=case.mode, constants=case.constants,
                                    steps_per_epoch=case.steps_per_epoch, stepped_per_batch=stepped_per_batch,
                                    total_steps=total_scheduler_steps)  # fmt: skip

@@ -206,7 +206,7 @@ class _Compiler:
             self._line_starts.append(self._line_starts[-1] + len(line))
 
     def names(self) -> list[str]:
-        return [*self.variables, *self.aliases, *self.constants]
+        return sorted({*self.variables, *self.aliases, *self.constants})
 
     def column(self, lineno: int, col_offset: int) -> int:
         line = self.source.splitlines(keepends=True)[lineno - 1] if self.source else ""

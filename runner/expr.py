@@ -216,10 +216,11 @@ class _Compiler:
         return ast.get_source_segment(self.source, node) or type(node).__name__
 
     def refuse(self, node: ast.AST, what: str, detail: str = "", hint: str = "") -> ExpressionError:
-        where = detail or f"at column {self.column(node.lineno, node.col_offset)}"
+        """One line: what is refused, the whole expression, how to fix it, what is allowed, and where it is."""
+        where = detail or f"`{self.segment(node)}` starts at column {self.column(node.lineno, node.col_offset)}"
         return ExpressionError(
-            f"{self.where}: {what} `{self.segment(node)}` ({where}) is not allowed in {self.source!r}; "
-            f"{hint}{allowed_summary(self.names())}."
+            f"{self.where}: {what} `{self.segment(node)}` is not allowed in {self.source!r}; "
+            f"{hint}{allowed_summary(self.names())}; {where}."
         )
 
     def compile(self, node: ast.AST, depth: int = 0) -> Compiled:
@@ -277,7 +278,7 @@ class _Compiler:
         between = self.source[begin:end]
         text = symbol.strip() or between.strip(" \t\n()") or between.strip()
         offset = begin + (between.find(text) if text in between else 0)
-        return self.refuse(node, "the operator in", f"`{text}` at column {offset + 1}")
+        return self.refuse(node, "the operator in", f"the operator `{text}` is at column {offset + 1}")
 
     def _constant(self, node: ast.Constant) -> Compiled:
         value = node.value
@@ -540,12 +541,12 @@ class Expression:
         except (ArithmeticError, ValueError, TypeError) as err:
             node = getattr(err, "expression_node", None)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
-            message = f"{self.where}: {self.source!r} fails at {shown}: {_reason(err, node)}"
-            if node is not None:
-                segment = ast.get_source_segment(self._stripped, node) or ""
-                rendered = _render(node, getattr(err, "expression_operands", None))
-                message += f", in `{segment}`" + (f" = {rendered}" if rendered and rendered != segment else "")
-            return ExpressionError(message + ".")
+            message = f"{self.where}: {self.source!r} fails at {shown}: {_reason(err, node)}."
+            segment = ast.get_source_segment(self._stripped, node) or "" if node is not None else ""
+            rendered = _render(node, getattr(err, "expression_operands", None))
+            if segment and (segment != self._stripped or rendered):
+                message += f" In `{segment}`" + (f": {rendered}." if rendered and rendered != segment else ".")
+            return ExpressionError(message)
         shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
         return ExpressionError(f"{self.where}: {self.source!r} fails at {shown}.")
 

@@ -246,7 +246,7 @@ def test_constants_are_names_and_a_missing_one_is_named_with_the_fix():
             where="scheduler.lr_lambda",
         )
     message = str(caught.value)
-    assert "the unknown name `warmup` (at column 9)" in message
+    assert "the unknown name `warmup` is not allowed in" in message and "`warmup` starts at column 9." in message
     assert "scheduler.constants={warmup: 10}" in message
     assert "allowed: numbers, the names epoch," in message
 
@@ -277,14 +277,14 @@ def test_constants_are_checked(constants, what):
      ("epoch in 3", "in", 7), ("2 @ epoch", "@", 3)],
 )  # fmt: skip
 def test_a_refused_operator_is_named_with_its_column(source, operator, column):
-    with pytest.raises(ExpressionError, match=re.escape(f"(`{operator}` at column {column})")):
+    with pytest.raises(ExpressionError, match=re.escape(f"; the operator `{operator}` is at column {column}.")):
         Expression(source, where="scheduler.lr_lambda")
 
 
 def test_a_refused_call_or_name_says_where():
     with pytest.raises(
         ExpressionError,
-        match=re.escape("the call to `open` (at column 7) is not allowed in"),
+        match=re.escape("the call to `open` is not allowed in '1 + 2*open(epoch)'; allowed: "),
     ):
         Expression("1 + 2*open(epoch)")
     with pytest.raises(ExpressionError, match=re.escape("cos is a function: call it, cos(...)")):
@@ -306,34 +306,34 @@ def test_depth_is_nesting_not_the_number_of_terms():
         (
             "10.0 ** 400",
             0,
-            "'10.0 ** 400' fails at epoch=0: the result is too large for a float, in `10.0 ** 400`.",
+            "'10.0 ** 400' fails at epoch=0: the result is too large for a float.",
         ),
         (
             "10.0 ** epoch",
             400,
-            "fails at epoch=400: the result is too large for a float, in `10.0 ** epoch` = 10.0 ** 400.",
+            "fails at epoch=400: the result is too large for a float. In `10.0 ** epoch`: 10.0 ** 400.",
         ),
         (
             "log(epoch - 3)",
             3,
-            "fails at epoch=3: the argument is outside the domain of log, in `log(epoch - 3)` = log(0).",
+            "fails at epoch=3: the argument is outside the domain of log. In `log(epoch - 3)`: log(0).",
         ),
         (
             "math.sqrt(1 - epoch)",
             2,
-            "outside the domain of sqrt, in `math.sqrt(1 - epoch)` = sqrt(-1).",
+            "outside the domain of sqrt. In `math.sqrt(1 - epoch)`: sqrt(-1).",
         ),
         (
             "1 + 1 / (5 - epoch)",
             5,
-            "fails at epoch=5: division by zero, in `1 / (5 - epoch)` = 1 / 0.",
+            "fails at epoch=5: division by zero. In `1 / (5 - epoch)`: 1 / 0.",
         ),
         (
             "exp(epoch)",
             1000,
-            "the result is too large for a float, in `exp(epoch)` = exp(1000).",
+            "the result is too large for a float. In `exp(epoch)`: exp(1000).",
         ),
-        ("1 + epoch / 2 / (epoch - 1) * 3", 1, "division by zero, in `epoch / 2 / (epoch - 1)` = 0.5 / 0."),
+        ("1 + epoch / 2 / (epoch - 1) * 3", 1, "division by zero. In `epoch / 2 / (epoch - 1)`: 0.5 / 0."),
     ],
 )
 def test_evaluation_errors_are_one_line_naming_the_part_and_its_values(source, epoch, message):

@@ -97,6 +97,6 @@ def test_a_failure_mid_run_names_the_epoch_step_and_value():
     node = lambda_node(lr_lambda="lambda s: 1 / abs(s - 23)", interval="step")
     config = OmegaConf.create({"optimizer": {"_target_": "torch.optim.SGD", "lr": 1.0}, "scheduler": node})
     with pytest.raises(
-        ConfigError, match=r"fails at epoch=2, step=23: division by zero, in `1 / abs\(s - 23\)` = 1 / 0\."
+        ConfigError, match=r"fails at epoch=2, step=23: division by zero\. In `1 / abs\(s - 23\)`: 1 / 0\."
     ):
         check_schedule(config, plan)

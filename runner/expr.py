@@ -36,12 +36,17 @@ def _bounded(value: Any) -> Any:
 
 
 def _bounded_pow(base: Any, exponent: Any) -> Any:
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        if exponent * (abs(base).bit_length() - 1) > MAX_INT_BITS:
-            raise OverflowError(f"integer power exceeds {MAX_INT_BITS} bits")
+    if (
+        isinstance(base, int)
+        and isinstance(exponent, int)
+        and exponent > 0
+        and abs(base) > 1
+        and exponent * (abs(base).bit_length() - 1) > MAX_INT_BITS
+    ):
+        raise OverflowError(f"integer power exceeds {MAX_INT_BITS} bits")
     result = base**exponent
-    if isinstance(result, complex):
-        raise ValueError("a negative number raised to a fractional power has no real value")
+    if isinstance(result, complex):  # a domain error, as math.sqrt(-1) is: ValueError, like math's
+        raise ValueError("a negative number raised to a fractional power has no real value")  # noqa: TRY004
     return _bounded(result)
 
 

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from runner.errors import ConfigError
-from runner.expr import compile_expression
+from runner.expr import RUN_NAMES, Expression, check_constants, compile_expression
 from runner.metrics import METRICS, RunMetrics, split_and_metric
 from runner.targets import build_node, node_arguments, resolve_target
 
@@ -44,23 +44,50 @@ class ExpressionFactor:
     """The value of an expression string at one scheduler step, in terms of ``epoch`` and global ``step``.
 
     LambdaLR calls it with its step count: the epoch for a scheduler stepped per epoch, the global step for one
-    stepped per batch. Only plain values live in ``__dict__``: that is what LambdaLR's ``state_dict`` stores,
-    and the checked, compiled form is looked up from a cache instead of being pickled.
+    stepped per batch (a pasted ``lambda x: ...`` gets that count as ``x``). The expression may also use the
+    user's ``constants`` by name and, when the runner gives the run's length, ``epochs`` and ``total_steps`` (the
+    run's optimizer steps, ``epochs * steps_per_epoch``). Only plain values live in ``__dict__``: that is what
+    LambdaLR's ``state_dict`` stores; the checked, compiled form sits in a slot, which is neither saved nor
+    pickled, and ExpressionLambdaLR drops it when a state is loaded.
     """
 
-    def __init__(self, expression: str, steps_per_epoch: int = 1, stepped_per_batch: bool = False):
+    __slots__ = ("__dict__", "_expression")
+
+    def __init__(self, expression: str, steps_per_epoch: int = 1, stepped_per_batch: bool = False,
+                 constants: dict[str, Any] | None = None, epochs: int | None = None):  # fmt: skip
         self.expression = expression
         self.steps_per_epoch = steps_per_epoch
         self.stepped_per_batch = stepped_per_batch
+        self.constants = check_constants(constants or {}, (*EXPRESSION_VARIABLES, *RUN_NAMES), "scheduler.constants")
+        self.epochs = epochs
         self._compiled()  # refuse a bad expression now, at start-up
 
-    def _compiled(self):
-        return compile_expression(self.expression, EXPRESSION_VARIABLES, "scheduler.lr_lambda")
+    def _compiled(self) -> Expression:
+        names = dict(self.constants)
+        if self.epochs is not None:
+            names.update(epochs=self.epochs, total_steps=self.epochs * self.steps_per_epoch)
+        self._expression = compile_expression(
+            self.expression, EXPRESSION_VARIABLES, "scheduler.lr_lambda", tuple(names.items()),
+            "step" if self.stepped_per_batch else "epoch", "scheduler.constants",
+        )  # fmt: skip
+        return self._expression
+
+    def forget_compiled(self) -> None:
+        """Drop the compiled form, after ``__dict__`` changed behind our back (LambdaLR.load_state_dict)."""
+        self._expression = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._expression = None
 
     def __call__(self, count: int) -> float:
+        expression = self._expression or self._compiled()
         if self.stepped_per_batch:
-            return self._compiled()(epoch=count // self.steps_per_epoch, step=count)
-        return self._compiled()(epoch=count, step=count * self.steps_per_epoch)
+            return expression.evaluate({"epoch": count // self.steps_per_epoch, "step": count})
+        return expression.evaluate({"epoch": count, "step": count * self.steps_per_epoch})
 
 
 EXPRESSION_VARIABLES = ("epoch", "step")
@@ -68,19 +95,34 @@ LAMBDA_MODES = ("factor", "absolute")
 
 
 class ExpressionLambdaLR(LambdaLR):
-    """LambdaLR whose ``lr_lambda`` is an expression string in ``epoch`` and ``step``, e.g. ``"0.5 ** (epoch // 3)"``.
+    """LambdaLR whose ``lr_lambda`` is an expression string in ``epoch`` and ``step``, e.g. ``"0.5 ** (epoch // 3)"``,
+    or a pasted one-parameter lambda, e.g. ``"lambda epoch: 0.95 ** epoch"``.
 
     ``mode="factor"`` (default, torch's LambdaLR): the value multiplies the optimizer's base LR.
     ``mode="absolute"`` (Keras's LearningRateScheduler): the value is the LR itself, for every param group.
+    ``constants``: more names for the expression, e.g. ``{"warmup": 500}``; saved with the expression.
+    ``epochs`` (or ``total_steps``, the scheduler steps of the run, as the runner passes it) gives the expression
+    the run's ``epochs`` and ``total_steps`` (its optimizer steps).
     """
 
-    def __init__(self, optimizer: Optimizer, lr_lambda: str, mode: str = "factor", steps_per_epoch: int = 1,
-                 stepped_per_batch: bool = False, last_epoch: int = -1):
+    def __init__(self, optimizer: Optimizer, lr_lambda: str, mode: str = "factor",
+                 constants: dict[str, Any] | None = None, steps_per_epoch: int = 1, stepped_per_batch: bool = False,
+                 total_steps: int | None = None, epochs: int | None = None, last_epoch: int = -1):  # fmt: skip
         if mode not in LAMBDA_MODES:
             raise ConfigError(f"scheduler.mode={mode!r}: use factor (the value multiplies optimizer.lr, as torch's "
                               f"LambdaLR does) or absolute (the value is the lr, as Keras's LearningRateScheduler).")
+        if epochs is None and total_steps is not None:  # the runner's total_steps counts scheduler steps
+            epochs = total_steps // steps_per_epoch if stepped_per_batch else total_steps
         self.mode = mode
-        super().__init__(optimizer, ExpressionFactor(lr_lambda, steps_per_epoch, stepped_per_batch), last_epoch)
+        factor = ExpressionFactor(lr_lambda, steps_per_epoch, stepped_per_batch, constants, epochs)
+        super().__init__(optimizer, factor, last_epoch)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for factor in self.lr_lambdas:
+            if isinstance(factor, ExpressionFactor):
+                factor.forget_compiled()
+                factor(max(self.last_epoch, 0))  # refuse a bad saved expression now, not at the next step
 
     def get_lr(self) -> list[float]:
         if self.mode == "absolute":

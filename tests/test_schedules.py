@@ -40,7 +40,8 @@ def test_state_dict_holds_the_expression_and_restores_the_position():
     scheduler = ExpressionLambdaLR(sgd(), "0.5 ** (epoch // 3)")
     lrs_over(scheduler, 4)
     state = scheduler.state_dict()
-    assert state["lr_lambdas"] == [{"expression": "0.5 ** (epoch // 3)", "steps_per_epoch": 1, "stepped_per_batch": False}]
+    assert state["lr_lambdas"] == [{"expression": "0.5 ** (epoch // 3)", "steps_per_epoch": 1, "stepped_per_batch": False,
+                                    "constants": {}, "epochs": None}]
     assert state["mode"] == "factor"
 
     buffer = io.BytesIO()

@@ -34,9 +34,9 @@ from runner.data import DeviceBatcher, epoch_permutation, make_batcher  # noqa: 
 from runner.distributed import Distributed  # noqa: E402
 from runner.launch import RunSettings  # noqa: E402
 from runner.resume import RunRecord  # noqa: E402
-from runner.session import TrainingSession  # noqa: E402
+from runner.session import TrainingSession, make_loop  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
-from runner.train import Loop, Progress, train, train_one_epoch  # noqa: E402
+from runner.train import Loop, Progress, evaluate, train, train_one_epoch  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -48,12 +48,7 @@ def compose_config(*overrides: str):
 
 
 def runner_loop(cfg) -> Loop:
-    built = build_everything(cfg, CPU)
-    t = cfg.trainer
-    return Loop(built.model, built.optimizer, built.scheduler,
-                make_batcher(built.data.train, t.batch_size, CPU, t.seed, True, t.num_workers),
-                make_batcher(built.data.val, t.batch_size, CPU, t.seed, False, t.num_workers),
-                built.data.is_classification, t.epochs, t.progress_bar)
+    return make_loop(cfg, build_everything(cfg, CPU), Distributed(CPU))
 
 
 def plain_epoch(model, optimizer, scheduler, batches) -> float:
@@ -165,6 +160,37 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
             "sync_checkpoint_s": statistics.median(checkpoint_times), "sync_mlflow_s": statistics.median(mlflow_times)}
 
 
+EXTRA_METRICS = "metrics=[accuracy,f1,top5_accuracy]"  # the default's accuracy and two more
+
+
+def metrics_cost(repeats: int) -> dict:
+    """What two more validation metrics (f1, top5_accuracy) add to a whole default epoch (training + validation).
+
+    One model trained in turn with the default metrics and with the extra ones, ABBA, median of paired ratios.
+    The metrics run only in validation and accumulate on the device: no host sync per step or per batch.
+    """
+    loop = runner_loop(compose_config(EXTRA_METRICS))
+    extra, default = loop.metrics, {"accuracy": loop.metrics["accuracy"]}
+    progress, never = Progress(), lambda step, epoch_end=False: False  # noqa: E731
+
+    def epoch_with(metrics: dict) -> float:
+        loop.metrics = metrics
+        progress.batch = 0
+        return timed(lambda: (train_one_epoch(loop, progress, never), evaluate(loop)))
+
+    with_times, without_times = [], []
+    for repeat in range(repeats + 1):
+        if repeat % 2:
+            w, wo = epoch_with(extra), epoch_with(default)
+        else:
+            wo, w = epoch_with(default), epoch_with(extra)
+        if repeat:
+            with_times.append(w), without_times.append(wo)
+    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times))
+    return {"epoch_s": statistics.median(without_times), "epoch_with_extra_metrics_s": statistics.median(with_times),
+            "extra_metrics_fraction": fraction}
+
+
 def startup(repeats: int) -> dict:
     def wall(*args: str) -> float:
         times = []
@@ -228,6 +254,7 @@ def main() -> None:
     results = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread, torch {torch.__version__}".strip(),
                "loop": {name: runner_vs_plain(o, args.repeats) for name, o in workloads.items()},
                "per_epoch_costs": persistence_cost(args.repeats),
+               "extra_metrics": metrics_cost(args.repeats),
                "startup": startup(3),
                "batcher": batcher_vs_dataloader(args.repeats)}
 
@@ -239,6 +266,9 @@ def main() -> None:
     print(f"default epoch {c['epoch_s'] * 1e3:.1f} ms; with checkpoint + MLflow logging {c['epoch_with_persistence_s'] * 1e3:.1f} ms "
           f"(+{c['persistence_fraction']:.1%}); done synchronously they would take {c['sync_checkpoint_s'] * 1e3:.1f} ms + "
           f"{c['sync_mlflow_s'] * 1e3:.1f} ms (blocks of 200 epochs; trainer.checkpoint_min_seconds=1)")
+    m = results["extra_metrics"]
+    print(f"default epoch with validation {m['epoch_s'] * 1e3:.1f} ms; with f1 and top5_accuracy as well "
+          f"{m['epoch_with_extra_metrics_s'] * 1e3:.1f} ms (+{m['extra_metrics_fraction']:.1%})")
     s = results["startup"]
     print(f"start-up: --cfg job {s['cfg_job_s']:.2f}s; launch to first step {s['first_step_s']:.2f}s; "
           f"python -c 'import torch, mlflow' {s['import_torch_mlflow_s']:.2f}s; bare python {s['python_s']:.2f}s")

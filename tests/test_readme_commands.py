@@ -126,7 +126,22 @@ def test_a_new_readme_command_is_run_or_excluded_with_a_reason():
 
 @pytest.fixture(scope="module")
 def readme_folder(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("readme")
+    """The user's folder: with the files the README's commands name (a table, a Parquet file, photos, my_data.py)."""
+    import numpy as np
+    import pandas as pd
+    from test_experiment import make_image_folder, write_table
+
+    folder = tmp_path_factory.mktemp("readme")
+    write_table(folder / "iris.csv")
+    rng = np.random.default_rng(0)
+    area = rng.uniform(30, 200, 300)
+    pd.DataFrame({"area": area, "rooms": np.round(area / 30), "price": 3.0 * area + rng.normal(0, 20, 300)}).to_parquet(
+        folder / "houses.parquet"
+    )
+    make_image_folder(folder / "photos", per_class=8, size=16)
+    own_data = README.read_text().split("### Bring your own data", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (folder / "my_data.py").write_text(own_data)
+    return folder
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"README:{c.line}" for c in COMMANDS])

@@ -101,14 +101,15 @@ class TrainingSession:
         self.last_checkpoint = time.monotonic()
 
     def resume(self, launch: Launch) -> None:
-        """Load the launch's checkpoint into every part; a forced start from another run keeps its own MLflow run.
+        """Load the launch's checkpoint into every part. A forced start from another run's checkpoint keeps its own
+        MLflow run and its own data (which may differ: that is what forcing allows).
 
         Raises:
             CheckpointError: the checkpoint does not fit this config (a forced resume across configs).
         """
         bundle = launch.checkpoint_bundle()
         try:
-            self.state.load_state_dict(bundle, leave_out=("tracking",) if launch.forced_from else ())
+            self.state.load_state_dict(bundle, leave_out=("tracking", "data") if launch.forced_from else ())
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
         log.info(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,54 @@ register_schemas()
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; still runs in CI")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "slurm: runs jobs on a real single-node SLURM (tests/slurm/cluster.sh); skipped when not root "
+                            "or without the slurmctld, slurmd, slurm-client and munge packages")
+
+
+CLUSTER_SCRIPT = ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+@dataclass
+class SlurmCluster:
+    """A running single-node SLURM: ``env`` has ``SLURM_CONF`` for its clients (and, through sbatch, its jobs)."""
+
+    folder: Path
+    env: dict[str, str]
+
+    def run(self, *command: str) -> str:
+        """A SLURM client command (``squeue``, ``scontrol``, ``scancel``…); its stdout."""
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stderr}"
+        return done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM (munged, slurmctld, slurmd) started once for the session under /tmp/rslurm-XXXX, stopped at its end.
+
+    Skipped when not root or when the packages are missing (``tests/slurm/cluster.sh install`` installs them).
+    The folder's path is short because munge's socket path must fit in 108 bytes.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM needs root (slurmd runs jobs as their users)")
+    folder = Path(tempfile.mkdtemp(prefix="rslurm-", dir="/tmp"))
+    env = {**os.environ, "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    script = ["bash", str(CLUSTER_SCRIPT)]
+    started = subprocess.run([*script, "start", str(folder)], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        if started.returncode == 3:
+            pytest.skip(f"no local SLURM: {started.stderr.strip()}")
+        assert started.returncode == 0, f"tests/slurm/cluster.sh start failed: {started.stderr}"
+        yield SlurmCluster(folder, {**env, "SLURM_CONF": str(folder / "slurm.conf")})
+    finally:
+        subprocess.run([*script, "stop", str(folder)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,11 @@ def main(cfg: DictConfig) -> float | None:
     except Stopped as err:
         if not reported_by_another_rank(err):
             log.warning(str(err))
+        # Only now the signal goes on to the handler the runner displaced: submitit's requeues the job and exits
+        # inside it, so the stop had to be logged first, and every rank had to leave the process group first.
+        hand_over = getattr(err, "hand_over", None)
+        if hand_over is not None:
+            hand_over()
         sys.exit(err.exit_code)  # in a sweep too: the scheduler is stopping the whole job
     except RunnerError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -362,9 +362,10 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
         if tracker.opened:
             tracker.finish("KILLED")
         ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
-        stop.hand_over()  # e.g. submitit requeues the job and exits here
-        raise Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
-                      f"checkpoint {path}. Run the same command again to resume.")
+        stopped = Stopped(f"stopped by {stop.signal_name} at epoch {progress.epoch + 1}, batch {progress.batch}; "
+                          f"checkpoint {path}. Run the same command again to resume.")
+        stopped.hand_over = stop.hand_over  # __main__ calls it once the stop is logged and the ranks have left their group
+        raise stopped
     if ranks.is_main:
         record.finished, record.final_val_loss = True, history[-1]["val_loss"]
         record.save()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import __version__
 from runner.build import Built, build_everything
-from runner.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
+from runner.checkpoint import CheckpointError, StepCheckpoints, capture_rng_state, load_checkpoint, load_newest_valid, restore_rng_state, save_checkpoint
 from runner.config import check_settings
 from runner.data import make_batcher
 from runner.distributed import AgreedStop, Distributed, adopt_submitit_tasks, start_distributed
@@ -347,6 +347,9 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     on_epoch_end = EpochPersistence(loop, progress, history, lr_steps, record, config, tracker, persister, trainer, ranks)
     flag = StopFlag().install()
     stop = AgreedStop(flag, ranks) if ranks.enabled else flag
+    if trainer.checkpoint_every_steps:
+        stop = StepCheckpoints(stop, trainer.checkpoint_every_steps, on_epoch_end.checkpoint,
+                               mid_epoch=lambda: 0 < progress.batch < len(loop.train_batches))
     try:
         completed = train(loop, progress, on_epoch_end, stop)
         path = None if completed else on_epoch_end.checkpoint()

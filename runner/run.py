@@ -355,13 +355,13 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
         path = None if completed else on_epoch_end.checkpoint()
         persister.close()  # every epoch logged before the run is called stopped or finished
     except BaseException as err:
+        flag.uninstall()
         _close_quietly(persister)
         if tracker.opened:
             tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    finally:
-        flag.uninstall()
     if not completed:
+        flag.uninstall()
         if tracker.opened:
             tracker.finish("KILLED")
         ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
@@ -373,6 +373,9 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
         record.finished, record.final_val_loss = True, history[-1]["val_loss"]
         record.save()
         tracker.finish("FINISHED")
+    # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
+    # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
+    flag.uninstall()
     return history[-1]["val_loss"]
 
 

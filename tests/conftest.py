@@ -104,10 +104,11 @@ def make_config(tracking_uri, experiment):
     return make
 
 
-def run_runner(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_runner(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m runner args…`` as a user would start it, in ``cwd``."""
     full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = {key: value for key, value in full_env.items() if value is not None}  # env={"X": None} unsets X
     return subprocess.run(
         [sys.executable, "-m", "runner", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

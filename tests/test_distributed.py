@@ -201,7 +201,7 @@ def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupt
     """hydra/launcher=slurm with one task per GPU, through submitit's local executor: each task becomes a rank."""
     result = run_runner("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *BASE, "trainer.strategy=ddp",
                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
-                        env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it: the same thread count, the same float sums
+                        env={"OMP_NUM_THREADS": None})  # unset: the runner gives each task one thread, as torchrun does
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "sweep" / "0" / "runner.log").read_text()
     assert "DDP over 2 processes, gloo; 16 samples per process per step, 32 in all" in log

@@ -41,7 +41,12 @@ def main(cfg: DictConfig) -> float | None:
         if full_traceback_wanted() and not isinstance(err, Stopped):
             raise
         exit_code = report_error(err, log)
-        if multirun and not isinstance(err, Stopped):  # a stop is the scheduler stopping the whole job, sweep or not
+        if isinstance(err, Stopped):
+            # Only now the signal goes on to the handler the runner displaced: submitit's requeues the job and exits
+            # inside it, so the stop had to be logged first, and every rank had to leave the process group first.
+            err.hand_over()
+            sys.exit(exit_code)  # in a sweep too: the scheduler is stopping the whole job
+        if multirun:
             record_failed_job(Path(hydra_cfg.sweep.dir), context.run_name)
             return None
         sys.exit(exit_code)

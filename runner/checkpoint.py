@@ -31,6 +31,28 @@ _NAME = re.compile(r"^epoch-(\d+)-step-(\d+)\.pt$")
 FAULT_DURING_WRITE_ENV = "RUNNER_FAULT_DURING_CHECKPOINT"
 
 
+class StepCheckpoints:
+    """The loop's stop check, writing a checkpoint after every ``every``-th optimizer step on the way.
+
+    For long epochs on a cluster: a node that dies without a signal (hardware, the OOM killer, ``kill -9``) loses
+    at most ``every`` steps, not the whole epoch. A mid-epoch checkpoint is the one a stop signal writes, so it
+    resumes bitwise. None is written at an epoch's last step (the epoch's end writes its own) or when stopping;
+    under DDP every rank counts the same steps, so all take part in the same checkpoints.
+    """
+
+    def __init__(self, should_stop: Any, every: int, write: Any, mid_epoch: Any):
+        self.should_stop, self.every, self.write, self.mid_epoch = should_stop, every, write, mid_epoch
+
+    def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
+        stopping = self.should_stop(global_step, epoch_end=epoch_end)
+        if not stopping and not epoch_end and global_step % self.every == 0 and self.mid_epoch():
+            self.write()
+        return stopping
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.should_stop, name)  # signal_name, hand_over
+
+
 def checkpoint_name(epoch: int, global_step: int) -> str:
     return f"epoch-{epoch:04d}-step-{global_step:08d}.pt"
 

@@ -38,6 +38,7 @@ class TrainerConfig:
     num_workers: int = 0
     checkpoint_every: int = 1
     checkpoint_min_seconds: float = 1.0
+    checkpoint_every_steps: int = 0  # 0: at epoch ends only; N: also after every N-th optimizer step, mid-epoch
     keep_checkpoints: int = 2
     precision: str = "32"  # 32 | bf16 (autocast) | 16-mixed (autocast to float16 + GradScaler)
     compile: bool = False  # torch.compile the model
@@ -120,6 +121,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.checkpoint_every must be at least 1 (epochs), got {trainer.checkpoint_every}.")
     if trainer.checkpoint_min_seconds < 0:
         raise ConfigError(f"trainer.checkpoint_min_seconds must be 0 (every checkpoint_every epochs) or more, got {trainer.checkpoint_min_seconds}.")
+    if trainer.checkpoint_every_steps < 0:
+        raise ConfigError(f"trainer.checkpoint_every_steps must be 0 (at epoch ends only) or more, got {trainer.checkpoint_every_steps}.")
     if trainer.keep_checkpoints < 1:
         raise ConfigError(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}.")
     if trainer.num_workers < 0:

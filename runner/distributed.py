@@ -132,7 +132,13 @@ def adopt_submitit_tasks() -> None:
     from submitit.helpers import TorchDistributedEnvironment
 
     if JobEnvironment().num_tasks > 1:
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # each rank takes cuda:LOCAL_RANK itself
+        tasks = TorchDistributedEnvironment()
+        tasks.export(set_cuda_visible_devices=False)  # each rank takes cuda:LOCAL_RANK itself
+        if tasks.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # What torchrun does for several workers on one node: else each task takes every core, they compete,
+            # and a SLURM job's floating-point sums come out other than torchrun's ranks' on the same config.
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
 
 
 def start_distributed(trainer: Any) -> Distributed:

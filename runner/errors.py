@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 # sysexits.h's EX_USAGE-like "bad input", and EX_TEMPFAIL, "temporary failure; the user is invited to retry":
 # stopped, checkpointed, resumable.
@@ -33,9 +34,17 @@ class CheckpointError(RunnerError):
 
 
 class Stopped(RunnerError):
-    """A stop signal ended the launch after a checkpoint; the same command resumes."""
+    """A stop signal ended the launch after a checkpoint; the same command resumes.
+
+    ``hand_over`` passes the signal on to the handler the runner displaced (submitit's requeue), once the stop is
+    reported and every rank has left the process group.
+    """
 
     exit_code = EXIT_STOPPED
+
+    def __init__(self, message: str, hand_over: Callable[[], None] = lambda: None):
+        super().__init__(message)
+        self.hand_over = hand_over
 
 
 class UserCodeError(RunnerError):
@@ -65,6 +74,12 @@ def users_traceback(err: BaseException) -> str:
     ]
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(err), err)
     return "Traceback (the user's code, most recent call last):\n" + "".join(lines)
+
+
+class NotFinished(RunnerError):
+    """The run is not over and nothing is lost: running the same command again continues it (exit 75)."""
+
+    exit_code = EXIT_STOPPED
 
 
 class ReportedByRankZero(RunnerError):

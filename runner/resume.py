@@ -34,6 +34,7 @@ OPERATIONAL_KEYS = (
     "trainer.num_workers",
     "trainer.checkpoint_every",
     "trainer.checkpoint_min_seconds",
+    "trainer.checkpoint_every_steps",
     "trainer.keep_checkpoints",
     "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
     "trainer.backend",

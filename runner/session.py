@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from runner import __version__
 from runner.build import Built
-from runner.checkpoint import save_checkpoint
+from runner.checkpoint import StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
@@ -169,6 +169,9 @@ class TrainingSession:
         """
         flag = StopFlag().install()
         stop = AgreedStop(flag, self.ranks) if self.ranks.enabled else flag
+        if self.trainer.checkpoint_every_steps:
+            stop = StepCheckpoints(stop, self.trainer.checkpoint_every_steps, self.checkpoint,
+                                   mid_epoch=lambda: 0 < self.progress.batch < len(self.loop.train_batches))  # fmt: skip
         try:
             self.callbacks.on_train_start()
             completed = train(self.loop, self.progress, self.end_epoch, stop)
@@ -177,20 +180,20 @@ class TrainingSession:
             path = None if completed else self.checkpoint()
             self.persister.close()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
+            flag.uninstall()
             self._close_persister_quietly()
             if self.tracker.opened:
                 self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
-        finally:
-            flag.uninstall()
         if not completed:
+            flag.uninstall()
             if self.tracker.opened:
                 self.tracker.finish("KILLED")
             self.ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
-            stop.hand_over()  # e.g. submitit requeues the job and exits here
             raise Stopped(
                 f"stopped by {stop.signal_name} at epoch {self.progress.epoch + 1}, batch {self.progress.batch}; "
-                f"checkpoint {path}. Run the same command again to resume."
+                f"checkpoint {path}. Run the same command again to resume.",
+                hand_over=stop.hand_over,  # by __main__, once the stop is logged and the ranks have left their group
             )
         final_val_loss = self.history.epochs[-1]["val_loss"]
         if self.stopped_by is not None:
@@ -199,6 +202,9 @@ class TrainingSession:
             self.record.finished, self.record.final_val_loss = True, final_val_loss
             self.record.save()
             self.tracker.finish("FINISHED")
+        # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
+        # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
+        flag.uninstall()
         return final_val_loss
 
     def end_epoch(self, result: EpochResult) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from types import FrameType
 
 from runner.errors import EXIT_STOPPED
@@ -29,6 +30,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # after global step STEP, so a test can interrupt mid-epoch at an exact point; "SIGNAME:STEP:RANK" only the
 # DDP rank RANK, and only in torchrun's first attempt (a restart must get past that step).
 FAULT_AT_STEP_ENV = "RUNNER_FAULT_AT_STEP"
+# For the cluster tests: sleep this many seconds after every optimizer step, so that a tiny run lasts as long as
+# SLURM's shortest time limit (a minute) needs, without taking the CPU the other jobs share. The result is the same.
+STEP_DELAY_ENV = "RUNNER_STEP_DELAY_S"
 
 
 class StopFlag:
@@ -40,6 +44,7 @@ class StopFlag:
         self._previous: dict[int, object] = {}
         self._displaced: dict[int, object] = {}
         self._fault = _parse_fault(os.environ.get(FAULT_AT_STEP_ENV))
+        self._step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
 
     def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
@@ -70,6 +75,8 @@ class StopFlag:
             previous(self.signum, None)
 
     def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
+        if self._step_delay and not epoch_end:
+            time.sleep(self._step_delay)
         if self._fault is not None and global_step == self._fault[1]:
             signum, self._fault = self._fault[0], None  # once: the loop may ask twice at an epoch's last step
             os.kill(os.getpid(), signum)

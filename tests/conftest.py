@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,55 @@ register_schemas()
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; still runs in CI")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "slurm: runs jobs on a real single-node SLURM (tests/slurm/cluster.sh); skipped when not root "
+                            "or without the slurmctld, slurmd, slurm-client and munge packages")
+
+
+CLUSTER_SCRIPT = ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+@dataclass
+class SlurmCluster:
+    """A running single-node SLURM: ``env`` has ``SLURM_CONF`` for its clients (and, through sbatch, its jobs)."""
+
+    folder: Path
+    env: dict[str, str]
+
+    def run(self, *command: str) -> str:
+        """A SLURM client command (``squeue``, ``scontrol``, ``scancel``…); its stdout."""
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stderr}"
+        return done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM (munged, slurmctld, slurmd) started once for the session under /tmp/rslurm-XXXX, stopped at its end.
+
+    Skipped, saying why, when not root, when the packages are missing (``tests/slurm/cluster.sh install``
+    installs them), or when a daemon does not start (the reason holds the end of its log).
+    The folder's path is short because munge's socket path must fit in 108 bytes.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("a local SLURM needs root (slurmd runs jobs as their users)")
+    folder = Path(tempfile.mkdtemp(prefix="rslurm-", dir="/tmp"))
+    env = {**os.environ, "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    script = ["bash", str(CLUSTER_SCRIPT)]
+    started = subprocess.run([*script, "start", str(folder)], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        if started.returncode != 0:  # 3: not root or no packages; else a daemon did not start (its log says why)
+            logs = "".join(f"\n{log}: {log.read_text()[-800:]}" for log in sorted(folder.glob("**/*.log")))
+            pytest.skip(f"no local SLURM: {started.stderr.strip()}{logs if started.returncode != 3 else ''}")
+        yield SlurmCluster(folder, {**env, "SLURM_CONF": str(folder / "slurm.conf")})
+    finally:
+        subprocess.run([*script, "stop", str(folder)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +105,11 @@ def make_config(tracking_uri, experiment):
     return make
 
 
-def run_runner(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_runner(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m runner args…`` as a user would start it, in ``cwd``."""
     full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = {key: value for key, value in full_env.items() if value is not None}  # env={"X": None} unsets X
     return subprocess.run(
         [sys.executable, "-m", "runner", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -201,7 +201,7 @@ def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupt
     """hydra/launcher=slurm with one task per GPU, through submitit's local executor: each task becomes a rank."""
     result = run_runner("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *BASE, "trainer.strategy=ddp",
                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
-                        env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it: the same thread count, the same float sums
+                        env={"OMP_NUM_THREADS": None})  # unset: the runner gives each task one thread, as torchrun does
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "sweep" / "0" / "runner.log").read_text()
     assert "DDP over 2 processes, gloo; 16 samples per process per step, 32 in all" in log
@@ -211,3 +211,23 @@ def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupt
     assert_same_result(bundle, uninterrupted[2])  # bitwise the run torchrun's two ranks train
     _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
     assert logged.info.status == "FINISHED" and logged.data.tags["world_size"] == "2"
+
+
+def _threads_after_adopting_the_tasks() -> tuple[int, str | None]:
+    from runner.distributed import adopt_submitit_tasks
+
+    adopt_submitit_tasks()
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_each_task_of_a_submitit_job_with_two_tasks_gets_one_thread_as_torchrun_workers_do(tmp_path, monkeypatch):
+    """A real submitit job (local executor) with two tasks, OMP_NUM_THREADS unset: each task takes one thread, as
+    torchrun's workers do; with every core each, SLURM tasks sum in another order than torchrun's ranks."""
+    import submitit
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    executor = submitit.LocalExecutor(folder=tmp_path)
+    executor.update_parameters(tasks_per_node=2, timeout_min=5)
+    job = executor.submit(_threads_after_adopting_the_tasks)
+    assert job.results() == [(1, "1"), (1, "1")]

@@ -327,3 +327,22 @@ def test_throttled_checkpoints_still_log_every_epoch_once_and_resume_exactly(tmp
     assert [p.name for p in list_checkpoints(run_dir)][-1] == f"epoch-{EPOCHS:04d}-step-{EPOCHS * 45:08d}.pt"
     assert_same_result(final_bundle(run_dir), references["sgd", "constant"])
     assert_mlflow_history_exact(tmp_path, references["sgd", "constant"])
+
+
+@pytest.mark.slow
+def test_checkpoint_every_steps_loses_at_most_that_many_steps_to_a_kill_9_and_resumes_bitwise(tmp_path):
+    """A node that dies without a signal: with trainer.checkpoint_every_steps=20 a kill -9 at step 70 (mid-epoch 2)
+    resumes from step 60's mid-epoch checkpoint, not from the end of epoch 1, and ends as an uninterrupted run."""
+    (tmp_path / "reference").mkdir()
+    assert launch(tmp_path / "reference").returncode == 0
+    reference = final_bundle(run_dirs(tmp_path / "reference")[0])
+
+    killed = launch(tmp_path, "trainer.checkpoint_every_steps=20", fault="SIGKILL:70")
+    assert killed.returncode == -signal.SIGKILL
+    (run_dir,) = run_dirs(tmp_path)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001-step-00000045.pt", "epoch-0001-step-00000060.pt"]
+    resumed = launch(tmp_path, "trainer.checkpoint_every_steps=20")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from epoch-0001-step-00000060.pt: epoch 2/4, batch 15 of 45" in resumed.stderr
+    assert_same_result(final_bundle(run_dir), reference)
+    assert_mlflow_history_exact(tmp_path, reference)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from runner.build import build_everything  # noqa: E402
 from runner.checkpoint import save_checkpoint  # noqa: E402
 from runner.config import register_schemas  # noqa: E402
-from runner.data import DeviceBatcher, epoch_permutation, make_batcher  # noqa: E402
+from runner.data import DeviceBatcher, epoch_permutation  # noqa: E402
 from runner.distributed import Distributed  # noqa: E402
 from runner.launch import RunSettings  # noqa: E402
 from runner.resume import RunRecord  # noqa: E402
@@ -110,7 +109,7 @@ def runner_vs_plain(overrides: list[str], repeats: int) -> dict:
             plain_times.append(p)
     runner_median, plain_median = statistics.median(runner_times), statistics.median(plain_times)
     # The ratio is the median of each adjacent pair's ratio: a pair shares the machine's state of the moment.
-    paired = statistics.median(r / p for r, p in zip(runner_times, plain_times))
+    paired = statistics.median(r / p for r, p in zip(runner_times, plain_times, strict=True))
     return {"runner_s": runner_median, "plain_s": plain_median, "ratio": paired}
 
 
@@ -155,7 +154,7 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
             metrics = {"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}
             mlflow_times.append(timed(lambda: tracker.log_metrics(metrics, epoch)))
     with_s, without_s = statistics.median(with_times), statistics.median(without_times)
-    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times))  # paired, as for the loops
+    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times, strict=True))  # paired, as for the loops
     return {"epoch_s": without_s, "epoch_with_persistence_s": with_s, "persistence_fraction": fraction,
             "sync_checkpoint_s": statistics.median(checkpoint_times), "sync_mlflow_s": statistics.median(mlflow_times)}
 
@@ -186,7 +185,7 @@ def metrics_cost(repeats: int) -> dict:
             wo, w = epoch_with(default), epoch_with(extra)
         if repeat:
             with_times.append(w), without_times.append(wo)
-    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times))
+    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times, strict=True))
     return {"epoch_s": statistics.median(without_times), "epoch_with_extra_metrics_s": statistics.median(with_times),
             "extra_metrics_fraction": fraction}
 

@@ -122,7 +122,7 @@ def distinguishing_overrides(override_lists: list[list[str]]) -> list[str]:
 
 
 def label_runs(runs: list[RunCurves]) -> None:
-    for run, own in zip(runs, distinguishing_overrides([r.overrides for r in runs])):
+    for run, own in zip(runs, distinguishing_overrides([r.overrides for r in runs]), strict=True):
         run.label = own or run.name
 
 
@@ -149,8 +149,8 @@ def table_rows(runs: list[RunCurves]) -> tuple[list[str], list[list[str]]]:
 
 
 def as_text(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -168,7 +168,7 @@ def draw(runs: list[RunCurves], path: Path, title: str) -> None:
 
     shown = [(key, name) for key, name in CURVES if any(key in r.curves for r in runs)]
     figure, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 4.4), squeeze=False)
-    for axis, (key, name) in zip(axes[0], shown):
+    for axis, (key, name) in zip(axes[0], shown, strict=True):
         for run in runs:
             values = run.curves.get(key)
             if values:

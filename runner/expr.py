@@ -352,7 +352,7 @@ class _Compiler:
 
     def _compare(self, node: ast.Compare, depth: int) -> Compiled:
         first = self.compile(node.left, depth)
-        rest = [(_COMPARE[type(op)], self.compile(c, depth)) for op, c in zip(node.ops, node.comparators)]
+        rest = [(_COMPARE[type(op)], self.compile(c, depth)) for op, c in zip(node.ops, node.comparators, strict=True)]
 
         def compare(env: dict[str, Number]) -> bool:
             left = first(env)

@@ -91,7 +91,7 @@ def preview(overrides: list[str], steps_per_epoch: int | None) -> Preview:
 def label_previews(previews: list[Preview]) -> None:
     from runner.compare import distinguishing_overrides
 
-    for p, own in zip(previews, distinguishing_overrides([p.overrides for p in previews])):
+    for p, own in zip(previews, distinguishing_overrides([p.overrides for p in previews]), strict=True):
         p.label = (own or " ".join(p.overrides) or "defaults") + p.note
 
 
@@ -99,8 +99,8 @@ def table(previews: list[Preview]) -> str:
     header = ["epoch", *(p.label if len(previews) > 1 else "lr" for p in previews)]
     epochs = max(len(p.epoch_lrs) for p in previews)
     rows = [[str(e + 1), *(f"{p.epoch_lrs[e]:.6g}" if e < len(p.epoch_lrs) else "" for p in previews)] for e in range(epochs)]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows])
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows])
 
 
 def draw(previews: list[Preview], path: Path) -> None:

@@ -142,7 +142,7 @@ def assert_bitwise_equal(a, b, where="state"):
             assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"

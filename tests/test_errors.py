@@ -48,7 +48,7 @@ def test_hydra_and_omegaconf_errors_count_as_config_errors_and_others_do_not():
     settings = OmegaConf.create({"epochs": 1})
     OmegaConf.set_struct(settings, True)  # as Hydra composes it: a misspelled key is an error
     with pytest.raises(ConfigAttributeError) as caught:
-        settings.epoch
+        _ = settings.epoch
     assert is_config_error(caught.value)
     assert is_config_error(ConfigError("x"))
     assert not is_config_error(ZeroDivisionError("a bug, with its traceback"))

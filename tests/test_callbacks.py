@@ -10,6 +10,8 @@ import pytest
 from conftest import assert_same_result, mlflow_runs
 from test_resume import final_bundle, launch, run_dirs
 
+pytestmark = pytest.mark.slow  # real subprocesses killed and resumed
+
 RECORDER = textwrap.dedent('''
     from runner.callbacks import Callback
 

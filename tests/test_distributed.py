@@ -22,6 +22,8 @@ from runner.checkpoint import list_checkpoints
 from runner.data import DeviceBatcher, shard
 from runner.signals import FAULT_AT_STEP_ENV
 
+pytestmark = pytest.mark.slow  # real torchrun launches
+
 EPOCHS = 4  # digits: 1438 training samples, 45 global batches of 32 (16 per rank) per epoch
 BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
         "optimizer=adam", "optimizer.lr=0.01", "scheduler=cosine", "tracking.log_every_n_steps=5",

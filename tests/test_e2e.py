@@ -6,6 +6,8 @@ import pytest
 
 from conftest import CONF, metric_series, mlflow_runs, run_runner
 
+pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
+
 OPTIMIZERS = sorted(path.stem for path in (CONF / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
 QUIET = ["trainer.progress_bar=false"]

@@ -33,6 +33,7 @@ def write_table(path, rows: int = 120, seed: int = 0, species: bool = True):
     return path
 
 
+@pytest.mark.slow
 def test_a_csv_with_class_names_trains_a_classification_and_keeps_the_names(make_config, tracking_uri, experiment, tmp_path):
     table = write_table(tmp_path / "iris.csv")
     cfg = make_config("data=csv", f"data.path={table}", "data.target=species", "data.features=[sepal_length,sepal_width,petal_length,petal_width]",
@@ -54,6 +55,7 @@ def test_a_csv_with_class_names_trains_a_classification_and_keeps_the_names(make
     assert set(bundle["data"]["fitted"]) >= {"mean", "std"}
 
 
+@pytest.mark.slow
 def test_a_csv_with_a_float_target_is_a_regression_with_its_metrics(make_config, tracking_uri, experiment, tmp_path):
     table = write_table(tmp_path / "iris.csv", species=False)
     cfg = make_config("data=csv", f"data.path={table}", "data.target=weight", "model=linear", "trainer.epochs=30",
@@ -114,6 +116,7 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=6, size=12):
     return root
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_with_augmentation_on_the_training_split_only(make_config, tracking_uri, experiment, tmp_path):
     root = make_image_folder(tmp_path / "images")
     cfg = make_config("data=image_folder", f"data.root={root}", "data.image_size=8", "model=cnn", "trainer.batch_size=4",
@@ -157,6 +160,7 @@ LOSSES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_each_loss_is_torchs_own_with_its_arguments_and_trains(make_config, tmp_path, name):
     overrides, kind, arguments = LOSSES[name]
@@ -175,6 +179,7 @@ def test_cross_entropy_takes_class_weights_as_a_list(make_config):
     assert torch.equal(built.loss.weight, torch.tensor([1.0] * 9 + [5.0]))
 
 
+@pytest.mark.slow
 def test_bce_with_logits_trains_a_multi_label_data_function(make_config, tmp_path, monkeypatch):
     (tmp_path / "labels.py").write_text(textwrap.dedent('''
         import torch
@@ -202,6 +207,7 @@ def test_outputs_that_do_not_fit_the_loss_are_refused_naming_both_shapes(make_co
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_users_loss_function_and_module_train(make_config, tmp_path, monkeypatch):
     (tmp_path / "my_losses.py").write_text(textwrap.dedent('''
         import torch
@@ -277,6 +283,7 @@ def test_an_unknown_or_misplaced_metric_is_one_line_listing_the_known_ones(make_
     assert message in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_users_metric_function_and_torchmetrics_class_are_logged_with_their_direction(make_config, tracking_uri, experiment,
                                                                                        tmp_path, monkeypatch):
     (tmp_path / "my_metrics.py").write_text(textwrap.dedent('''
@@ -325,6 +332,7 @@ def test_the_readmes_own_data_example_runs_as_written(tmp_path):
     (["data=custom"], "error: data._target_ must be set (??? in the config); add data._target_=... to the command."),
     (["loss=mse"], "error: loss (torch.nn.modules.loss.MSELoss) does not fit the model's outputs of shape (8, 10)"),
 ])
+@pytest.mark.slow
 def test_bad_experiment_input_is_one_line_and_exit_2_before_training(tmp_path, overrides, message):
     from conftest import run_runner
 

@@ -14,6 +14,8 @@ from test_resume import launch as launch_on_cpu
 from conftest import run_runner
 from runner.signals import FAULT_AT_STEP_ENV
 
+pytestmark = pytest.mark.slow  # whole runs at reduced precision, stopped and resumed
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

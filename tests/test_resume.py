@@ -20,6 +20,8 @@ from conftest import CONF, ROOT, assert_logged_once_as, assert_same_result, mlfl
 from runner.checkpoint import CHECKPOINT_FORMAT, FAULT_DURING_WRITE_ENV, LATEST_MARKER, list_checkpoints
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
 
+pytestmark = pytest.mark.slow  # real subprocesses stopped, killed and resumed
+
 SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
 OPTIMIZERS = ["sgd", "adam", "asgd"]
 EPOCHS = 4  # digits: 45 batches of 32 per epoch, so step 70 is mid-epoch 2 and step 100 mid-epoch 3

@@ -100,6 +100,7 @@ def digits_steps_per_epoch(cfg) -> int:
     return math.ceil(train_size / cfg.trainer.batch_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_logged_lr_per_epoch_equals_a_plain_torch_loop(make_config, tracking_uri, experiment, tmp_path, optimizer, scheduler):

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import metric_series, mlflow_runs, run_runner
 
+pytestmark = pytest.mark.slow  # real multirun sweeps, servers and launchers
+
 QUIET = ["trainer.device=cpu", "trainer.progress_bar=false"]
 SCHEDULES = ["constant", "linear", "cosine", "step"]
 

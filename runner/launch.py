@@ -5,6 +5,7 @@ Rank 0 decides (``decide_launch``) and every rank follows; the run directory is 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +13,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.checkpoint import load_checkpoint, load_newest_valid
+from runner.checkpoint import checkpoint_fingerprint, list_checkpoints, load_checkpoint, load_newest_valid
 from runner.errors import ConfigError
 from runner.resume import (
+    RUN_RECORD,
     RunRecord,
     config_fingerprint,
     describe_differences,
-    find_latest_run,
+    find_runs,
     record_for_path,
     split_settings,
 )
 from runner.tracking import check_store_reachable, flatten
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,12 +94,31 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         launch.finished = True
         return launch
     if launch.record is not None and launch.checkpoint is None:
-        newest = load_newest_valid(launch.record.run_dir)  # None: killed before its first checkpoint; start over
+        # None: killed before its first checkpoint; start over. A checkpoint of another config is skipped.
+        newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
         if newest is not None:
             launch.checkpoint, launch.bundle = newest
     launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
     launch.record.run_dir.mkdir(parents=True, exist_ok=True)
     return launch
+
+
+def _checkpoints_agree(record: RunRecord) -> bool:
+    """Whether the run directory's checkpoints bear out its ``runner.json``: one of them has its fingerprint, or
+    none can be read. A record copied from another run, or edited, gets one warning and is not continued."""
+    others = set()
+    for path in reversed(list_checkpoints(record.run_dir)):
+        found = checkpoint_fingerprint(path)
+        if found == record.fingerprint:
+            return True
+        if found is not None:
+            others.add(found)
+    if others:
+        log.warning(
+            f"run record {record.run_dir / RUN_RECORD} says config {record.fingerprint}, but the checkpoints beside it "
+            f"are another config's ({', '.join(sorted(others))}); skipping that run directory"
+        )
+    return not others
 
 
 def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
@@ -111,7 +134,13 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
     if cfg.resume == "never":
         return Launch()
     if cfg.resume == "auto":
-        return Launch(own or find_latest_run([Path(root) for root in cfg.resume_search], fingerprint))
+        if own is not None and not _checkpoints_agree(own):
+            raise ConfigError(
+                f"{context.run_dir} holds a runner.json of this config but only another config's checkpoints; give "
+                f"this run another directory (hydra.run.dir=...) so that they are not overwritten."
+            )
+        runs = [own] if own is not None else find_runs([Path(root) for root in cfg.resume_search], fingerprint)
+        return Launch(next((record for record in runs if record is own or _checkpoints_agree(record)), None))
     record, checkpoint = record_for_path(Path(cfg.resume))
     if checkpoint is None:
         newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))

@@ -37,6 +37,12 @@ class Stopped(RunnerError):
     exit_code = EXIT_STOPPED
 
 
+class RunInUse(RunnerError):
+    """The run this launch would continue is being trained by another process; nothing was done, try again later."""
+
+    exit_code = EXIT_STOPPED
+
+
 class ReportedByRankZero(RunnerError):
     """Under torchrun, an error rank 0 met and shared with the other ranks: rank 0 reports it, once for all."""
 
@@ -72,10 +78,11 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
     if shared and os.environ.get("RANK", "0") != "0":
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    line = message if isinstance(err, Stopped) else f"error: {message}"
+    retry = isinstance(err, Stopped | RunInUse)  # not the user's mistake: the same command, later, carries on
+    line = message if retry else f"error: {message}"
     if logger is None:
         print(line, file=sys.stderr)
-    elif isinstance(err, Stopped):
+    elif retry:
         logger.warning(line)
     else:
         logger.error(line)

@@ -15,18 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import checkpoint_fingerprint, list_checkpoints, load_checkpoint, load_newest_valid
 from runner.errors import ConfigError
+from runner.locks import locked
 from runner.resume import (
     RUN_RECORD,
     RunRecord,
     config_fingerprint,
     describe_differences,
     find_runs,
+    hold_run_dir,
     record_for_path,
     split_settings,
 )
 from runner.tracking import check_store_reachable, flatten
 
 log = logging.getLogger(__name__)
+
+LAUNCH_LOCK = ".runner-launch.lock"  # in the first search root: launches decide what they continue one at a time
 
 
 @dataclass
@@ -87,20 +91,35 @@ def refuse_sweep_under_torchrun(context: RunContext) -> None:
 
 
 def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
-    """What this launch continues, its run directory made and the checkpoint to start from chosen (rank 0)."""
+    """What this launch continues, its run directory made and held and the checkpoint to start from chosen (rank 0).
+
+    Launches decide one at a time (a lock in the first search root) and each holds the run directory it trains in
+    (``hold_run_dir``) before its ``runner.json`` is written: of several launches of one command started at once,
+    one trains and the others find its run held.
+
+    Raises:
+        RunInUse: the run this launch would continue is being trained by another process.
+    """
     check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
-    launch = _apply_resume(cfg, context, settings)
-    if launch.record is not None and launch.record.finished and cfg.resume == "auto":
-        launch.finished = True
-        return launch
-    if launch.record is not None and launch.checkpoint is None:
-        # None: killed before its first checkpoint; start over. A checkpoint of another config is skipped.
-        newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
-        if newest is not None:
-            launch.checkpoint, launch.bundle = newest
-    launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
-    launch.record.run_dir.mkdir(parents=True, exist_ok=True)
+    with locked(_decision_lock(cfg, context)):
+        launch = _apply_resume(cfg, context, settings)
+        if launch.record is not None and launch.record.finished and cfg.resume == "auto":
+            launch.finished = True
+            return launch
+        launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
+        hold_run_dir(launch.record.run_dir)
+        if launch.checkpoint is None and cfg.resume == "auto":
+            # None: killed before its first checkpoint; start over. A checkpoint of another config is skipped.
+            newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
+            if newest is not None:
+                launch.checkpoint, launch.bundle = newest
+        launch.record.save()  # a launch deciding next finds this run, and finds it held
     return launch
+
+
+def _decision_lock(cfg: DictConfig, context: RunContext) -> Path:
+    """Where launches that could find one another's runs take turns deciding: the first ``resume_search`` root."""
+    return Path(cfg.resume_search[0] if cfg.resume_search else context.run_dir.parent) / LAUNCH_LOCK
 
 
 def _checkpoints_agree(record: RunRecord) -> bool:

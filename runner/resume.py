@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.checkpoint import list_checkpoints, write_atomically
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunInUse
+from runner.locks import hold
 
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "runner.json"
+RUN_LOCK = ".runner.lock"  # held by the process training in the run directory; holds its process id
 # Settings that do not change what is trained: a launch differing only in these still resumes the run, and
 # MLflow gets them as tags (which may change) rather than params (which may not).
 OPERATIONAL_KEYS = (
@@ -145,6 +147,21 @@ def find_runs(roots: Iterable[Path], fingerprint: str) -> list[RunRecord]:
                 if record is not None and record.fingerprint == fingerprint:
                     candidates.append(record)
     return sorted(candidates, key=lambda r: r.created, reverse=True)
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir`` for the life of this process: no other launch trains in it meanwhile.
+
+    Raises:
+        RunInUse: another process holds it (exit 75: the same command, once that one has ended, continues the run).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = hold(run_dir / RUN_LOCK)
+    if holder is not None:
+        raise RunInUse(
+            f"{run_dir} is being trained by process {holder} (it holds {run_dir / RUN_LOCK}); this launch trains "
+            f"nothing. Run the same command again once that process has ended to continue the run."
+        )
 
 
 def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:

@@ -55,7 +55,9 @@ def check_store_reachable(uri: str | None) -> None:
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
-            raise ConfigError(f"tracking.uri={uri!r}: the folder {folder} does not exist; create it or point tracking.uri elsewhere.")
+            raise ConfigError(
+                f"tracking.uri={uri!r}: the folder {folder} does not exist; create it or point tracking.uri elsewhere."
+            )
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
@@ -90,6 +92,20 @@ def _store_errors(uri: str | None):
         raise ConfigError(f"tracking.uri={uri!r}: cannot use the MLflow store ({message}).") from None
 
 
+@contextmanager
+def _creating_store(uri: str | None):
+    """One process at a time creates a SQLite store's tables (on its first use): two at once fail with "table
+    already exists". A sweep does this once before its jobs (runner.sweep); single launches take turns here."""
+    database = Path(uri.removeprefix("sqlite:///")) if (uri or "").startswith("sqlite:///") else None
+    if database is None or not database.parent.is_dir():  # None: MLflow's default; no folder: open_client says so
+        yield
+        return
+    from runner.locks import locked
+
+    with locked(database.with_name(f"{database.name}.lock")):
+        yield
+
+
 def open_client(uri: str | None):
     """An MlflowClient for ``uri`` (None: MLflow's default), after the cheap checks of ``check_store_reachable``.
 
@@ -116,15 +132,16 @@ def open_experiment(uri: str | None, name: str):
     """
     from mlflow.exceptions import MlflowException
 
-    client = open_client(uri)
-    with _store_errors(client.tracking_uri):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return client, experiment.experiment_id
-        try:
-            return client, client.create_experiment(name)
-        except MlflowException:  # another job created it first
-            return client, client.get_experiment_by_name(name).experiment_id
+    with _creating_store(uri):
+        client = open_client(uri)
+        with _store_errors(client.tracking_uri):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                return client, experiment.experiment_id
+            try:
+                return client, client.create_experiment(name)
+            except MlflowException:  # another job created it first
+                return client, client.get_experiment_by_name(name).experiment_id
 
 
 class Tracker:
@@ -161,7 +178,9 @@ class Tracker:
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
-            log.warning(f"MLflow run {run_id} is not in {self.uri}; starting a new MLflow run and logging the history again")
+            log.warning(
+                f"MLflow run {run_id} is not in {self.uri}; starting a new MLflow run and logging the history again"
+            )
             return False
         for key in run.data.metrics:
             self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
@@ -192,8 +211,12 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(key, float(value), now, step) for step, metrics in entries for key, value in metrics.items()
-                 if step not in self.logged.get(key, ())]
+        fresh = [
+            Metric(key, float(value), now, step)
+            for step, metrics in entries
+            for key, value in metrics.items()
+            if step not in self.logged.get(key, ())
+        ]
         for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
         for metric in fresh:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_runner
+from conftest import TINY, mlflow_runs, run_runner
 
 from runner.checkpoint import list_checkpoints
 from runner.launch import RunSettings
@@ -90,3 +93,48 @@ def test_run_records_that_cannot_be_read_are_skipped_with_one_warning_each_and_n
         assert warning.endswith("; skipping that run directory")
     assert "training on cpu in outputs/good" in result.stderr  # the one readable record of this config
     assert json.loads((tmp_path / "outputs/good/runner.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
+def test_eight_launches_of_one_command_at_once_train_one_run_and_the_others_exit_75_naming_it(tmp_path):
+    """And a ninth, of another config, creates the fresh SQLite store at the same time as the one that trains."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "runner", *BASE, f"tracking.uri={uri}"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
+    logs = [open(tmp_path / f"launch-{i}.err", "w+") for i in range(9)]  # noqa: SIM115 - closed below
+    try:
+        same = [
+            subprocess.Popen([*command, "trainer.epochs=300"], cwd=tmp_path, env=env, stderr=log) for log in logs[:8]
+        ]
+        other = subprocess.Popen([*command, "optimizer.lr=0.01"], cwd=tmp_path, env=env, stderr=logs[8])
+        deadline = time.monotonic() + 400
+        while sum(p.poll() is not None for p in same) < 7 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (trainer,) = [p for p in same if p.poll() is None]
+        trainer_log = tmp_path / f"launch-{same.index(trainer)}.err"
+        while "epoch 1/300" not in trainer_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        trainer.send_signal(signal.SIGTERM)  # enough: the other seven have decided and ended
+        assert trainer.wait(timeout=120) == EXIT_STOPPED
+        assert other.wait(timeout=300) == 0, (tmp_path / "launch-8.err").read_text()[-2000:]
+        stderr = [(tmp_path / f"launch-{i}.err").read_text() for i in range(9)]
+    finally:
+        for process in [*same, other]:
+            if process.poll() is None:
+                process.kill()
+        for log in logs:
+            log.close()
+
+    records = {p.parent: json.loads(p.read_text()) for p in tmp_path.glob("outputs/*/*/runner.json")}
+    assert len(records) == 2 and sorted(r["finished"] for r in records.values()) == [False, True]
+    (run_dir,) = [path.relative_to(tmp_path) for path, record in records.items() if not record["finished"]]
+    assert "stopped by SIGTERM" in stderr[same.index(trainer)]
+    for process, text in zip(same, stderr[:8], strict=True):
+        assert "Traceback" not in text
+        if process is trainer:
+            continue
+        assert process.returncode == EXIT_STOPPED, text[-2000:]
+        (line,) = [line for line in text.splitlines() if "is being trained by process" in line]
+        assert f"{run_dir} is being trained by process {trainer.pid} " in line and "epoch 1/" not in text
+    _, runs = mlflow_runs(uri, "runner")
+    assert len(runs) == 2 and {run.data.params["optimizer.lr"] for run in runs} == {"0.1", "0.01"}

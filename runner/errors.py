@@ -15,6 +15,8 @@ import sys
 # stopped, checkpointed, resumable.
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 75
+# Set beside HYDRA_FULL_ERROR=1 when the runner set that itself, to catch Hydra's config errors (runner.__main__).
+RAISED_FOR_RUNNER_ENV = "RUNNER_HYDRA_FULL_ERROR_SET"
 
 
 class RunnerError(Exception):
@@ -52,7 +54,8 @@ class ReportedByRankZero(RunnerError):
 
 
 def full_traceback_wanted() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+    """The user set HYDRA_FULL_ERROR=1 (not the runner, for its own catching of Hydra's errors)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(RAISED_FOR_RUNNER_ENV) != "1"
 
 
 def is_config_error(err: BaseException) -> bool:

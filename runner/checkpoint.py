@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, CheckpointNotWritten
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
 def _first_line(err: BaseException) -> str:
     """``Type: first line of the message``; an EOFError from a zero-byte file has no message at all."""
     lines = str(err).strip().splitlines()
@@ -64,11 +72,15 @@ def _fsync_directory(folder: Path) -> None:
 def write_atomically(path: Path, write: Any) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it into place."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a half-written file on a full disk keeps it full
+        raise
     _fsync_directory(path.parent)
 
 
@@ -93,9 +105,15 @@ def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
         torch.save({**bundle, "format": CHECKPOINT_FORMAT}, file)
         _maybe_die_mid_write()
 
-    write_atomically(path, write)
-    _fingerprints[_identity(path)] = bundle["fingerprint"]
-    write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
+    try:
+        write_atomically(path, write)
+        _fingerprints[_identity(path)] = bundle["fingerprint"]
+        write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
+    except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
+        raise CheckpointNotWritten(
+            f"could not write checkpoint {path} ({_first_line(err)}); {_free_space(folder)} free on that disk. Free "
+            f"some space and run the same command again: it resumes from the previous checkpoint."
+        ) from err
     prune_checkpoints(run_dir, path, keep, bundle["fingerprint"])
     for stale in folder.glob(".*.tmp-*"):  # left by a launch killed mid-write; this run owns the folder
         stale.unlink(missing_ok=True)

@@ -39,6 +39,13 @@ class Stopped(RunnerError):
     exit_code = EXIT_STOPPED
 
 
+class CheckpointNotWritten(RunnerError):
+    """A checkpoint could not be written (a full disk, say); the previous one stands, and the same command resumes
+    from it once the cause is gone."""
+
+    exit_code = EXIT_STOPPED
+
+
 class RunInUse(RunnerError):
     """The run this launch would continue is being trained by another process; nothing was done, try again later."""
 

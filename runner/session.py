@@ -21,7 +21,7 @@ from runner.checkpoint import save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, Stopped
+from runner.errors import EXIT_STOPPED, CheckpointError, Stopped
 from runner.launch import Launch, RunContext, RunSettings
 from runner.persist import Persister
 from runner.resume import RunRecord
@@ -167,8 +167,9 @@ class TrainingSession:
             self.persister.close()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
             self._close_persister_quietly()
-            if self.tracker.opened:
-                self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if self.tracker.opened:  # KILLED: stopped, to be resumed (a Ctrl-C at once, a checkpoint not written)
+                resumable = isinstance(err, KeyboardInterrupt) or getattr(err, "exit_code", None) == EXIT_STOPPED
+                self.tracker.finish("KILLED" if resumable else "FAILED")
             raise
         finally:
             flag.uninstall()

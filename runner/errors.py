@@ -46,6 +46,12 @@ class CheckpointNotWritten(RunnerError):
     exit_code = EXIT_STOPPED
 
 
+class TrackingBehind(RunnerError):
+    """Training went on when the tracking server stopped answering; MLflow lacks epochs the checkpoint holds."""
+
+    exit_code = EXIT_STOPPED
+
+
 class RunInUse(RunnerError):
     """The run this launch would continue is being trained by another process; nothing was done, try again later."""
 
@@ -88,7 +94,9 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
     if shared and os.environ.get("RANK", "0") != "0":
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    retry = isinstance(err, Stopped | RunInUse)  # not the user's mistake: the same command, later, carries on
+    retry = isinstance(
+        err, Stopped | RunInUse | TrackingBehind
+    )  # not the user's mistake: the same command, later, carries on
     line = message if retry else f"error: {message}"
     if logger is None:
         print(line, file=sys.stderr)

@@ -7,6 +7,7 @@ re-attached by id when a job resumes.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -81,6 +82,24 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def bound_http_waits(wait_s: float) -> None:
+    """Make MLflow's client give up on a server that does not answer in about ``wait_s`` seconds, not minutes.
+
+    Its defaults retry one request seven times with growing back-off (about four minutes). Here: four attempts of
+    ``wait_s/8`` each at most, and back-off sleeps adding up to about ``wait_s/2``. Set before its first request;
+    settings the user gave MLflow in the environment are kept.
+    """
+    retries = 3  # urllib3 sleeps 0, 2f, 4f between them: 6f in all
+    defaults = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, round(wait_s / 12))),  # MLflow reads an integer
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(wait_s / (2 * (retries + 1))))),  # per attempt
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
 @contextmanager
 def _store_errors(uri: str | None):
     try:
@@ -151,8 +170,9 @@ class Tracker:
     that are trained again after a restart from an older checkpoint are not logged twice.
     """
 
-    def __init__(self, uri: str | None, experiment: str):
+    def __init__(self, uri: str | None, experiment: str, wait_s: float = 30.0):
         self.uri, self.experiment = uri, experiment
+        bound_http_waits(wait_s)
         self.run_id: str | None = None
         self.logged: dict[str, set[int]] = {}
         self.resumed = False

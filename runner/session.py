@@ -124,7 +124,7 @@ class TrainingSession:
 
         def open_tracking() -> None:
             tracker, record = self.tracker, self.record
-            tracker.open(run_name=context.run_name, run_id=record.mlflow_run_id)
+            tracker.open(context.run_name, record.mlflow_run_id, run_dir=str(record.run_dir.resolve()))
             record.mlflow_run_id = tracker.run_id
             record.save()
             if not tracker.resumed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -20,6 +21,9 @@ from runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+# Fault injection for the tests: "1" sends SIGKILL to this process right after it created its MLflow run, before
+# runner.json records the run's id (as a kill at that instant would).
+FAULT_AFTER_RUN_CREATED_ENV = "RUNNER_FAULT_AFTER_MLFLOW_RUN"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -181,16 +185,38 @@ class Tracker:
     def opened(self) -> bool:
         return self.run_id is not None
 
-    def open(self, run_name: str, run_id: str | None = None) -> Tracker:
-        """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened."""
+    def open(self, run_name: str, run_id: str | None = None, run_dir: str | None = None) -> Tracker:
+        """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened.
+
+        A run is tagged with its ``run_dir`` when created. Without ``run_id``, a RUNNING run of that directory is
+        adopted: a launch killed before runner.json recorded its run's id left it, and this launch holds the
+        directory, so no process is logging to it.
+        """
         self.client, experiment_id = open_experiment(self.uri, self.experiment)
         self.uri = self.client.tracking_uri
         with _store_errors(self.uri):
+            if run_id is None and run_dir is not None and (run_id := self._orphan_of(experiment_id, run_dir)):
+                log.info(
+                    f"adopting MLflow run {run_id}, left RUNNING for {run_dir} by a launch killed before recording it"
+                )
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+                tags = {"run_dir": run_dir} if run_dir is not None else None
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+                if os.environ.get(FAULT_AFTER_RUN_CREATED_ENV) == "1":
+                    os.kill(os.getpid(), signal.SIGKILL)
         return self
+
+    def _orphan_of(self, experiment_id: str, run_dir: str) -> str | None:
+        """The newest RUNNING MLflow run tagged with ``run_dir``, if any."""
+        if "'" in run_dir:  # not expressible in MLflow's filter language; such a directory adopts nothing
+            return None
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.run_dir = '{run_dir}' and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )  # fmt: skip
+        return runs[0].info.run_id if runs else None
 
     def _reattach(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

@@ -14,10 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY, metric_series
+from conftest import TINY, metric_series, mlflow_runs, run_runner
 from mlflow import MlflowClient
 
 from runner.signals import EXIT_STOPPED
+from runner.tracking import FAULT_AFTER_RUN_CREATED_ENV
 
 EPOCHS = 12  # the server goes away after the first epochs are logged; training goes on for the rest
 
@@ -97,3 +98,20 @@ def test_a_tracking_server_lost_for_good_costs_one_bounded_wait_and_the_same_com
     (run,) = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     assert run.info.status == "FINISHED"
     assert len(metric_series(client, run.info.run_id, "val_loss")) == EPOCHS  # every epoch, each once
+
+
+@pytest.mark.slow
+def test_a_launch_killed_before_recording_its_mlflow_run_leaves_it_to_the_next_launch_to_adopt(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*TINY, f"tracking.uri={uri}", "hydra.run.dir=run"]
+    killed = run_runner(*args, cwd=tmp_path, env={FAULT_AFTER_RUN_CREATED_ENV: "1"}, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _, (orphan,) = mlflow_runs(uri, "runner")
+    assert orphan.info.status == "RUNNING"
+
+    again = run_runner(*args, cwd=tmp_path, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"adopting MLflow run {orphan.info.run_id}, left RUNNING for {tmp_path / 'run'}" in again.stderr
+    client, (run,) = mlflow_runs(uri, "runner")  # the same run, continued and closed: none left RUNNING
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+    assert len(metric_series(client, run.info.run_id, "val_loss")) == 2

@@ -89,16 +89,16 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 def bound_http_waits(wait_s: float) -> None:
     """Make MLflow's client give up on a server that does not answer in about ``wait_s`` seconds, not minutes.
 
-    Its defaults retry one request seven times with growing back-off (about four minutes). Here: four attempts of
-    ``wait_s/8`` each at most, and back-off sleeps adding up to about ``wait_s/2``. Set before its first request;
+    Its defaults retry one request seven times with growing back-off (about four minutes). Here: five attempts of
+    at most ``wait_s/10`` each, with back-off sleeps (0, 2f, 4f, 8f) adding up to about ``wait_s``, so a server
+    that is down for less than ``wait_s`` (restarted, say) loses nothing. Set before MLflow's first request;
     settings the user gave MLflow in the environment are kept.
     """
-    retries = 3  # urllib3 sleeps 0, 2f, 4f between them: 6f in all
     defaults = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, round(wait_s / 12))),  # MLflow reads an integer
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, round(wait_s / 14))),  # MLflow reads an integer
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(wait_s / (2 * (retries + 1))))),  # per attempt
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(wait_s / 10))),  # per attempt
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)

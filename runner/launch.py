@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from runner.tracking import check_store_reachable, flatten
 
 log = logging.getLogger(__name__)
 
-LAUNCH_LOCK = ".runner-launch.lock"  # in the first search root: launches decide what they continue one at a time
+LAUNCH_LOCK = ".runner-launch.lock"  # in each search root: launches decide what they continue one at a time
 
 
 @dataclass
@@ -93,7 +94,7 @@ def refuse_sweep_under_torchrun(context: RunContext) -> None:
 def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
     """What this launch continues, its run directory made and held and the checkpoint to start from chosen (rank 0).
 
-    Launches decide one at a time (a lock in the first search root) and each holds the run directory it trains in
+    Launches decide one at a time (a lock in each search root) and each holds the run directory it trains in
     (``hold_run_dir``) before its ``runner.json`` is written: of several launches of one command started at once,
     one trains and the others find its run held.
 
@@ -101,7 +102,7 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         RunInUse: the run this launch would continue is being trained by another process.
     """
     check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
-    with locked(_decision_lock(cfg, context)):
+    with _decision_locks(cfg, context):
         launch = _apply_resume(cfg, context, settings)
         if launch.record is not None and launch.record.finished and cfg.resume == "auto":
             launch.finished = True
@@ -117,9 +118,14 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
     return launch
 
 
-def _decision_lock(cfg: DictConfig, context: RunContext) -> Path:
-    """Where launches that could find one another's runs take turns deciding: the first ``resume_search`` root."""
-    return Path(cfg.resume_search[0] if cfg.resume_search else context.run_dir.parent) / LAUNCH_LOCK
+def _decision_locks(cfg: DictConfig, context: RunContext) -> ExitStack:
+    """Launches that could find one another's runs take turns deciding: a lock in each ``resume_search`` folder that
+    exists (Hydra has made this launch's own folder, in one of them by default), taken in one order for all."""
+    roots = sorted({Path(root).resolve() for root in cfg.resume_search if Path(root).is_dir()})
+    stack = ExitStack()
+    for root in roots or [context.run_dir.parent]:
+        stack.enter_context(locked(root / LAUNCH_LOCK))
+    return stack
 
 
 def _checkpoints_agree(record: RunRecord) -> bool:

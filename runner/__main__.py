@@ -16,7 +16,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner.config import register_schemas
-from runner.errors import RunnerError, Stopped, full_traceback_wanted, report_error
+from runner.errors import (
+    RAISED_FOR_RUNNER_ENV,
+    ConfigError,
+    RunnerError,
+    Stopped,
+    full_traceback_wanted,
+    is_config_error,
+    report_error,
+)
 from runner.sweep import SWEEP_ID_ENV, record_failed_job
 
 log = logging.getLogger("runner")
@@ -32,7 +40,9 @@ def main(cfg: DictConfig) -> float | None:
     context = RunContext(
         Path(hydra_cfg.runtime.output_dir),
         list(hydra_cfg.overrides.task),
-        choices={group: str(option) for group, option in hydra_cfg.runtime.choices.items() if not group.startswith("hydra/")},
+        choices={
+            group: str(option) for group, option in hydra_cfg.runtime.choices.items() if not group.startswith("hydra/")
+        },
         sweep=sweep_tags(hydra_cfg) if multirun else {},
     )
     try:
@@ -55,8 +65,64 @@ def main(cfg: DictConfig) -> float | None:
 def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     """How MLflow groups the jobs of one sweep; the id is set by SweepCallback in the launching process."""
     sweep_dir = str(Path(hydra_cfg.sweep.dir).resolve())
-    return {"sweep_id": os.environ.get(SWEEP_ID_ENV) or sweep_dir, "sweep_dir": sweep_dir, "job_num": str(hydra_cfg.job.num)}
+    return {
+        "sweep_id": os.environ.get(SWEEP_ID_ENV) or sweep_dir,
+        "sweep_dir": sweep_dir,
+        "job_num": str(hydra_cfg.job.num),
+    }
+
+
+def entry() -> None:
+    """``main()``, with Hydra's own config errors (a misspelled key, an unknown option, an override its grammar
+    cannot parse) reported in one line with exit code 2, as the runner's are.
+
+    Hydra prints those itself, on several lines, and exits 1, unless HYDRA_FULL_ERROR=1 asks it to raise them: so
+    that is set (marked as the runner's doing, see ``full_traceback_wanted``) and they are caught here. Other
+    errors keep their traceback; a user's own HYDRA_FULL_ERROR=1 keeps Hydra's full one for everything.
+    """
+    if full_traceback_wanted():
+        main()
+        return
+    os.environ.update({"HYDRA_FULL_ERROR": "1", RAISED_FOR_RUNNER_ENV: "1"})  # inherited by a sweep's workers too
+    try:
+        main()
+    except Exception as err:
+        if not is_config_error(err):
+            raise
+        sys.exit(report_error(ConfigError(one_line(err))))
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's or OmegaConf's multi-line message in one line: the message, its cause, the options it lists; for an
+    override Hydra's grammar cannot parse, how to quote it."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(err, OverrideParseException):
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "not valid"
+        return (
+            f"cannot parse the override {err.override!r}: {reason}. Quote a value with spaces, brackets, parentheses "
+            f"or operators twice, for the shell and for Hydra: 'key=\"value\"', e.g. "
+            f"'scheduler.lr_lambda=\"0.5 ** (epoch // 3)\"'."
+        )
+    own, caused = _lines(err), _lines(err.__cause__) if err.__cause__ is not None else []
+    return "; ".join([*own[:1], *caused, *own[1:]]) or type(err).__name__
+
+
+def _lines(err: BaseException) -> list[str]:
+    """The lines of Hydra's message that say something, each option list folded into the line naming it."""
+    parts: list[str] = []
+    for line in str(err).splitlines():
+        text = line.strip()
+        if text.startswith(("Config search path", "See https://")):
+            break
+        if not text or text.split("=")[0].split(":")[0] in ("full_key", "reference_type", "object_type"):
+            continue
+        if line.startswith(("\t", "    ")) and parts and ":" in parts[-1]:
+            parts[-1] += f" {text}" if parts[-1].endswith(":") else f", {text}"  # an option listed under it
+        else:
+            parts.append(text.rstrip("."))
+    return parts
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, CheckpointNotWritten
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,28 @@ def checkpoint_name(epoch: int, global_step: int) -> str:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, oldest first (by epoch, then step)."""
+    """The run's checkpoint files, oldest first (by epoch, then step).
+
+    Only regular files: a folder or a FIFO with a checkpoint's name is no checkpoint, and opening a FIFO would hang.
+    """
     folder = run_dir / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    found = [(tuple(map(int, m.groups())), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(tuple(map(int, m.groups())), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
     return [path for _, path in sorted(found)]
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message``; an EOFError from a zero-byte file has no message at all."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -77,11 +94,15 @@ def _fsync_directory(folder: Path) -> None:
 def write_atomically(path: Path, write: Any) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it into place."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a half-written file on a full disk keeps it full
+        raise
     _fsync_directory(path.parent)
 
 
@@ -97,7 +118,7 @@ def _maybe_die_mid_write() -> None:
 
 def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
     """Write the bundle (the state's parts and what describes them) as the newest checkpoint, update the LATEST
-    marker, and keep only the newest ``keep``."""
+    marker, and keep only the newest ``keep`` of this run (``prune_checkpoints``)."""
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(bundle["progress"]["epoch"], bundle["progress"]["global_step"])
@@ -106,13 +127,64 @@ def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
         torch.save({**bundle, "format": CHECKPOINT_FORMAT}, file)
         _maybe_die_mid_write()
 
-    write_atomically(path, write)
-    write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    try:
+        write_atomically(path, write)
+        _fingerprints[_identity(path)] = bundle["fingerprint"]
+        write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
+    except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
+        raise CheckpointNotWritten(
+            f"could not write checkpoint {path} ({_first_line(err)}); {_free_space(folder)} free on that disk. Free "
+            f"some space and run the same command again: it resumes from the previous checkpoint."
+        ) from err
+    prune_checkpoints(run_dir, path, keep, bundle["fingerprint"])
     for stale in folder.glob(".*.tmp-*"):  # left by a launch killed mid-write; this run owns the folder
         stale.unlink(missing_ok=True)
     return path
+
+
+# What each checkpoint file was found to be, by (path, size, modification time): its fingerprint, or None when it
+# does not load. Filled as this process writes, loads or peeks at checkpoints; a file rewritten is looked at anew.
+_fingerprints: dict[tuple[str, int, int], str | None] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The config fingerprint of the checkpoint ``path``, or None when it does not load as one of this format.
+
+    Only the header is read: the tensors are memory-mapped, so this is cheap even for a large checkpoint.
+    """
+    try:
+        identity = _identity(path)
+        if identity not in _fingerprints:
+            bundle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ok = isinstance(bundle, dict) and bundle.get("format") == CHECKPOINT_FORMAT
+            _fingerprints[identity] = str(bundle.get("fingerprint")) if ok else None
+        return _fingerprints[identity]
+    except Exception:  # noqa: BLE001 - whatever the reason, it cannot be resumed from
+        return None
+
+
+def prune_checkpoints(run_dir: Path, newest: Path, keep: int, fingerprint: str) -> None:
+    """Keep ``newest`` (just written) and the readable checkpoints of this run before it, ``keep`` in all; delete
+    the older ones of this run.
+
+    An unreadable entry or another config's checkpoint is neither counted nor deleted (it may be someone else's
+    file), and entries sorting after ``newest`` are left alone: counting them could delete the one just written.
+    """
+    older = list_checkpoints(run_dir)
+    older = older[: older.index(newest)] if newest in older else older
+    kept = 1
+    for path in reversed(older):
+        if checkpoint_fingerprint(path) != fingerprint:
+            continue
+        if kept < keep:
+            kept += 1
+        else:
+            path.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -131,13 +203,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return bundle
 
 
-def load_newest_valid(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; a truncated or corrupt one gets one warning and the previous is tried."""
+def load_newest_valid(run_dir: Path, fingerprint: str | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads (and, given ``fingerprint``, was written by a run of that config).
+
+    One that does not (truncated, empty, corrupt, or another config's copied in) gets one warning and the previous
+    one is tried.
+    """
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path)
+            bundle = load_checkpoint(path)
         except CheckpointError:
             raise
-        except Exception as err:  # truncated zip, bad pickle opcode, missing record: all mean "unusable"
-            log.warning(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying the previous one")
+        except Exception as err:  # truncated zip, empty file, bad pickle opcode, missing record: all mean "unusable"
+            log.warning(f"checkpoint {path} is unreadable ({_first_line(err)}); trying the previous one")
+            continue
+        if fingerprint is not None and bundle.get("fingerprint") != fingerprint:
+            log.warning(
+                f"checkpoint {path} was written by another config (fingerprint {bundle.get('fingerprint')}, this "
+                f"run's is {fingerprint}); skipping it, trying the previous one"
+            )
+            continue
+        return path, bundle
     return None

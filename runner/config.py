@@ -52,6 +52,9 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "runner"
     log_every_n_steps: int = 0  # > 0: also log `lr_step`, the LR every N optimizer steps (0: per epoch only)
+    # Seconds the runner waits, in all, for a tracking server that stops answering; then it stops asking, trains on,
+    # and at the end says how many epochs MLflow lacks (exit 75: the same command logs them).
+    wait_s: float = 30.0
 
 
 @dataclass
@@ -92,14 +95,20 @@ def check_strategy(trainer: DictConfig) -> None:
         raise ConfigError(f"trainer.backend={trainer.backend}: use one of {', '.join(BACKENDS)}.")
     world_size = torchrun_world_size()
     if trainer.strategy == "ddp" and world_size is None:
-        raise ConfigError("trainer.strategy=ddp needs the processes torchrun starts; launch with "
-                          "`torchrun --nproc_per_node=N -m runner trainer.strategy=ddp ...`, or use trainer.strategy=auto for one process.")
+        raise ConfigError(
+            "trainer.strategy=ddp needs the processes torchrun starts; launch with "
+            "`torchrun --nproc_per_node=N -m runner trainer.strategy=ddp ...`, or use trainer.strategy=auto for one process."
+        )
     if trainer.strategy == "single" and (world_size or 1) > 1:
-        raise ConfigError(f"trainer.strategy=single, but torchrun started {world_size} processes, which would each train the "
-                          f"same run; use trainer.strategy=ddp (or auto), or start one process.")
+        raise ConfigError(
+            f"trainer.strategy=single, but torchrun started {world_size} processes, which would each train the "
+            f"same run; use trainer.strategy=ddp (or auto), or start one process."
+        )
     if world_size and trainer.strategy != "single" and trainer.batch_size % world_size:
-        raise ConfigError(f"trainer.batch_size={trainer.batch_size} is the global batch and must split evenly over the "
-                          f"{world_size} processes; use a multiple of {world_size}.")
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} is the global batch and must split evenly over the "
+            f"{world_size} processes; use a multiple of {world_size}."
+        )
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -128,9 +137,9 @@ def check_settings(cfg: DictConfig) -> None:
     if trainer.num_workers < 0:
         raise ConfigError(f"trainer.num_workers must be 0 or more, got {trainer.num_workers}.")
     if not DEVICE_PATTERN.match(str(trainer.device)):
-        raise ConfigError(
-            f"trainer.device={trainer.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
-        )
+        raise ConfigError(f"trainer.device={trainer.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
+    if not cfg.tracking.wait_s > 0:
+        raise ConfigError(f"tracking.wait_s must be above 0 seconds, got {cfg.tracking.wait_s}.")
     if cfg.tracking.log_every_n_steps < 0:
         raise ConfigError(f"tracking.log_every_n_steps must be 0 (off) or more, got {cfg.tracking.log_every_n_steps}.")
     if str(trainer.precision) not in PRECISIONS:

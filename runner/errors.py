@@ -17,6 +17,8 @@ from collections.abc import Callable
 # stopped, checkpointed, resumable.
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 75
+# Set beside HYDRA_FULL_ERROR=1 when the runner set that itself, to catch Hydra's config errors (runner.__main__).
+RAISED_FOR_RUNNER_ENV = "RUNNER_HYDRA_FULL_ERROR_SET"
 
 
 class RunnerError(Exception):
@@ -82,6 +84,22 @@ class NotFinished(RunnerError):
     exit_code = EXIT_STOPPED
 
 
+class CheckpointNotWritten(NotFinished):
+    """A checkpoint could not be written (a full disk, say); the previous one stands, and the same command resumes
+    from it once the cause is gone."""
+
+
+
+class TrackingBehind(NotFinished):
+    """Training went on when the tracking server stopped answering; MLflow lacks epochs the checkpoint holds."""
+
+
+
+class RunInUse(NotFinished):
+    """The run this launch would continue is being trained by another process; nothing was done, try again later."""
+
+
+
 class ReportedByRankZero(RunnerError):
     """Under torchrun, an error rank 0 met and shared with the other ranks: rank 0 reports it, once for all."""
 
@@ -91,7 +109,8 @@ class ReportedByRankZero(RunnerError):
 
 
 def full_traceback_wanted() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+    """The user set HYDRA_FULL_ERROR=1 (not the runner, for its own catching of Hydra's errors)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(RAISED_FOR_RUNNER_ENV) != "1"
 
 
 def is_config_error(err: BaseException) -> bool:
@@ -117,12 +136,13 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
     if shared and os.environ.get("RANK", "0") != "0":
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    line = message if isinstance(err, Stopped) else f"error: {message}"
+    retry = isinstance(err, Stopped | RunInUse | TrackingBehind)  # not a mistake: the same command, later, carries on
+    line = message if retry else f"error: {message}"
     if isinstance(err, UserCodeError) and err.__cause__ is not None:
         line += "\n" + users_traceback(err.__cause__).rstrip()
     if logger is None:
         print(line, file=sys.stderr)
-    elif isinstance(err, Stopped):
+    elif retry:
         logger.warning(line)
     else:
         logger.error(line)

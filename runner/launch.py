@@ -5,24 +5,33 @@ Rank 0 decides (``decide_launch``) and every rank follows; the run directory is 
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.checkpoint import load_checkpoint, load_newest_valid
+from runner.checkpoint import checkpoint_fingerprint, list_checkpoints, load_checkpoint, load_newest_valid
 from runner.errors import ConfigError
+from runner.locks import locked
 from runner.resume import (
+    RUN_RECORD,
     RunRecord,
     config_fingerprint,
     describe_differences,
-    find_latest_run,
+    find_runs,
+    hold_run_dir,
     record_for_path,
     split_settings,
 )
 from runner.tracking import check_store_reachable, flatten
+
+log = logging.getLogger(__name__)
+
+LAUNCH_LOCK = ".runner-launch.lock"  # in each search root: launches decide what they continue one at a time
 
 
 @dataclass
@@ -83,19 +92,58 @@ def refuse_sweep_under_torchrun(context: RunContext) -> None:
 
 
 def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
-    """What this launch continues, its run directory made and the checkpoint to start from chosen (rank 0)."""
+    """What this launch continues, its run directory made and held and the checkpoint to start from chosen (rank 0).
+
+    Launches decide one at a time (a lock in each search root) and each holds the run directory it trains in
+    (``hold_run_dir``) before its ``runner.json`` is written: of several launches of one command started at once,
+    one trains and the others find its run held.
+
+    Raises:
+        RunInUse: the run this launch would continue is being trained by another process.
+    """
     check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
-    launch = _apply_resume(cfg, context, settings)
-    if launch.record is not None and launch.record.finished and cfg.resume == "auto":
-        launch.finished = True
-        return launch
-    if launch.record is not None and launch.checkpoint is None:
-        newest = load_newest_valid(launch.record.run_dir)  # None: killed before its first checkpoint; start over
-        if newest is not None:
-            launch.checkpoint, launch.bundle = newest
-    launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
-    launch.record.run_dir.mkdir(parents=True, exist_ok=True)
+    with _decision_locks(cfg, context):
+        launch = _apply_resume(cfg, context, settings)
+        if launch.record is not None and launch.record.finished and cfg.resume == "auto":
+            launch.finished = True
+            return launch
+        launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
+        hold_run_dir(launch.record.run_dir)
+        if launch.checkpoint is None and cfg.resume == "auto":
+            # None: killed before its first checkpoint; start over. A checkpoint of another config is skipped.
+            newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
+            if newest is not None:
+                launch.checkpoint, launch.bundle = newest
+        launch.record.save()  # a launch deciding next finds this run, and finds it held
     return launch
+
+
+def _decision_locks(cfg: DictConfig, context: RunContext) -> ExitStack:
+    """Launches that could find one another's runs take turns deciding: a lock in each ``resume_search`` folder that
+    exists (Hydra has made this launch's own folder, in one of them by default), taken in one order for all."""
+    roots = sorted({Path(root).resolve() for root in cfg.resume_search if Path(root).is_dir()})
+    stack = ExitStack()
+    for root in roots or [context.run_dir.parent]:
+        stack.enter_context(locked(root / LAUNCH_LOCK))
+    return stack
+
+
+def _checkpoints_agree(record: RunRecord) -> bool:
+    """Whether the run directory's checkpoints bear out its ``runner.json``: one of them has its fingerprint, or
+    none can be read. A record copied from another run, or edited, gets one warning and is not continued."""
+    others = set()
+    for path in reversed(list_checkpoints(record.run_dir)):
+        found = checkpoint_fingerprint(path)
+        if found == record.fingerprint:
+            return True
+        if found is not None:
+            others.add(found)
+    if others:
+        log.warning(
+            f"run record {record.run_dir / RUN_RECORD} says config {record.fingerprint}, but the checkpoints beside it "
+            f"are another config's ({', '.join(sorted(others))}); skipping that run directory"
+        )
+    return not others
 
 
 def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -> Launch:
@@ -111,7 +159,13 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
     if cfg.resume == "never":
         return Launch()
     if cfg.resume == "auto":
-        return Launch(own or find_latest_run([Path(root) for root in cfg.resume_search], fingerprint))
+        if own is not None and not _checkpoints_agree(own):
+            raise ConfigError(
+                f"{context.run_dir} holds a runner.json of this config but only another config's checkpoints; give "
+                f"this run another directory (hydra.run.dir=...) so that they are not overwritten."
+            )
+        runs = [own] if own is not None else find_runs([Path(root) for root in cfg.resume_search], fingerprint)
+        return Launch(next((record for record in runs if record is own or _checkpoints_agree(record)), None))
     record, checkpoint = record_for_path(Path(cfg.resume))
     if checkpoint is None:
         newest = load_newest_valid(record.run_dir if record else Path(cfg.resume))

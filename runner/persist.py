@@ -1,7 +1,7 @@
 """MLflow off the training thread: opening it (seconds of imports and store set-up) and logging each epoch.
 
-Jobs run in order on one background thread while training goes on. An error there (a lost tracking server)
-stops training at the next epoch end, with that error.
+Jobs run in order on one background thread while training goes on. After an error there (a lost tracking server)
+the later jobs are skipped, so nothing is logged over a gap, and training goes on; ``close`` raises the error.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Persister:
             raise error
 
     def submit(self, job: Callable[[], None]) -> None:
-        self._raise_failure()
         self._jobs.put(job)
 
     def flush(self) -> None:
@@ -48,9 +47,14 @@ class Persister:
         self._jobs.join()
         self._raise_failure()
 
-    def close(self) -> None:
-        """Finish the submitted jobs and stop the thread; raise the first failure among them."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the submitted jobs and stop the thread, waiting at most ``timeout`` seconds; raise the first
+        failure among them, or TimeoutError when a job is still running then (the thread is a daemon: left behind).
+        """
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._failed = True
+                raise TimeoutError(f"no answer within {timeout:g} s")
         self._raise_failure()

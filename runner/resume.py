@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.checkpoint import list_checkpoints, write_atomically
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunInUse
+from runner.locks import hold
 
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "runner.json"
+RUN_LOCK = ".runner.lock"  # held by the process training in the run directory; holds its process id
 # Settings that do not change what is trained: a launch differing only in these still resumes the run, and
 # MLflow gets them as tags (which may change) rather than params (which may not).
 OPERATIONAL_KEYS = (
@@ -84,10 +86,22 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord | None:
+        """The record in ``run_dir``; None when there is none, or (with one warning) when it cannot be read as one.
+
+        Only a regular file is opened (a FIFO would block forever), and every field must have its type: a record
+        that says ``"created": "x"`` would otherwise break the comparison of every launch of that config.
+        """
+        path = run_dir / RUN_RECORD
+        if not path.exists() and not path.is_symlink():
+            return None
         try:
-            data = json.loads((run_dir / RUN_RECORD).read_text())
-            return cls(run_dir=run_dir, **data)
-        except (OSError, ValueError, TypeError):
+            if not path.is_file():
+                raise ValueError("not a regular file")
+            data = json.loads(path.read_text())
+            return cls(run_dir=run_dir, **_checked_fields(data))
+        except (OSError, ValueError, TypeError) as err:
+            why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            log.warning(f"run record {path} cannot be read ({why}); skipping that run directory")
             return None
 
     @classmethod
@@ -95,8 +109,37 @@ class RunRecord:
         return cls(run_dir=run_dir, fingerprint=fingerprint, created=time.time())
 
 
-def find_latest_run(roots: Iterable[Path], fingerprint: str) -> RunRecord | None:
-    """The most recently created run directory under ``roots`` with this fingerprint, finished or not."""
+_FIELD_TYPES = {
+    "fingerprint": (str,),
+    "mlflow_run_id": (str, type(None)),
+    "finished": (bool,),
+    "final_val_loss": (int, float, type(None)),
+    "created": (int, float),
+}
+
+
+def _checked_fields(data: object) -> dict[str, object]:
+    """The fields of a run record read from JSON, each of its type.
+
+    Raises:
+        ValueError: a field is missing, unknown or of another type.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    if unknown or "fingerprint" not in data:
+        raise ValueError(f"unknown fields {unknown}" if unknown else "no fingerprint")
+    for key, value in data.items():
+        if not isinstance(value, _FIELD_TYPES[key]) or (key != "finished" and isinstance(value, bool)):
+            raise ValueError(f"{key} is {value!r}")
+    return data
+
+
+def find_runs(roots: Iterable[Path], fingerprint: str) -> list[RunRecord]:
+    """The run directories under ``roots`` with this fingerprint, finished or not, the most recently created first.
+
+    A record that cannot be read is skipped with one warning (``RunRecord.load``).
+    """
     candidates = []
     for root in roots:
         if root.is_dir():
@@ -104,7 +147,22 @@ def find_latest_run(roots: Iterable[Path], fingerprint: str) -> RunRecord | None
                 record = RunRecord.load(record_path.parent)
                 if record is not None and record.fingerprint == fingerprint:
                     candidates.append(record)
-    return max(candidates, key=lambda r: r.created, default=None)
+    return sorted(candidates, key=lambda r: r.created, reverse=True)
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir`` for the life of this process: no other launch trains in it meanwhile.
+
+    Raises:
+        RunInUse: another process holds it (exit 75: the same command, once that one has ended, continues the run).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = hold(run_dir / RUN_LOCK)
+    if holder is not None:
+        raise RunInUse(
+            f"{run_dir} is being trained by process {holder} (it holds {run_dir / RUN_LOCK}); this launch trains "
+            f"nothing. Run the same command again once that process has ended to continue the run."
+        )
 
 
 def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:
@@ -116,7 +174,9 @@ def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:
     if not path.is_dir():
         raise ConfigError(f"resume={path}: no such run directory or checkpoint file.")
     if not list_checkpoints(path):
-        raise ConfigError(f"resume={path}: that run directory has no checkpoint to resume from (no {path}/checkpoints/*.pt).")
+        raise ConfigError(
+            f"resume={path}: that run directory has no checkpoint to resume from (no {path}/checkpoints/*.pt)."
+        )
     return RunRecord.load(path), None
 
 
@@ -129,7 +189,9 @@ def adopt_run_dir(launch_dir: Path, run_dir: Path, keep_log: bool = True) -> Non
     same = launch_dir.resolve() == run_dir.resolve()
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(launch_dir.resolve()):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(
+            launch_dir.resolve()
+        ):
             if same and keep_log:
                 continue
             root.removeHandler(handler)

@@ -21,7 +21,7 @@ from runner.checkpoint import StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, Stopped
+from runner.errors import CheckpointError, NotFinished, Stopped, TrackingBehind
 from runner.launch import Launch, RunContext, RunSettings
 from runner.persist import Persister
 from runner.resume import RunRecord
@@ -95,7 +95,8 @@ class TrainingSession:
         self.state.register("tracking", record)
         self.callbacks, self.data = built.callbacks, built.data
         self.stopped_by: str | None = None  # the callback that ended training early
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
+        self.tracking_wait_s = cfg.tracking.wait_s
         self.persister = Persister()
         self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
         self.last_checkpoint = time.monotonic()
@@ -112,6 +113,9 @@ class TrainingSession:
             self.state.load_state_dict(bundle, leave_out=("tracking", "data") if launch.forced_from else ())
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
+        if self.progress.epoch >= self.loop.epochs:  # trained to the end, but MLflow was not told everything
+            log.info(f"resuming {self.record.run_dir} from {launch.checkpoint.name}: trained; logging what MLflow lacks")
+            return
         log.info(
             f"resuming {self.record.run_dir} from {launch.checkpoint.name}: epoch {self.progress.epoch + 1}/"
             f"{self.loop.epochs}, batch {self.progress.batch} of {len(self.loop.train_batches)}"
@@ -126,7 +130,7 @@ class TrainingSession:
 
         def open_tracking() -> None:
             tracker, record = self.tracker, self.record
-            tracker.open(run_name=context.run_name, run_id=record.mlflow_run_id)
+            tracker.open(context.run_name, record.mlflow_run_id, run_dir=str(record.run_dir.resolve()))
             record.mlflow_run_id = tracker.run_id
             record.save()
             if not tracker.resumed:
@@ -178,13 +182,17 @@ class TrainingSession:
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
             path = None if completed else self.checkpoint()
-            self.persister.close()  # every epoch logged before the run is called stopped or finished
+            lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
             flag.uninstall()
-            self._close_persister_quietly()
-            if self.tracker.opened:
-                self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if (lost := self._wait_for_tracking()) is not None:
+                log.warning(f"while stopping on an error, logging to MLflow also failed: {lost}")
+            elif self.tracker.opened:  # KILLED: stopped, to be resumed (a Ctrl-C at once, a checkpoint not written)
+                self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt | NotFinished) else "FAILED")
             raise
+        if lost is not None:
+            flag.uninstall()
+            raise self._tracking_behind(lost)
         if not completed:
             flag.uninstall()
             if self.tracker.opened:
@@ -258,9 +266,26 @@ class TrainingSession:
         steps = {step: lr for _, _, epoch_steps in epochs for step, lr in epoch_steps.items()}
         self.tracker.log_series("lr_step", {**steps, **partial})
 
-    def _close_persister_quietly(self) -> None:
-        """Let the persist thread finish what it has while another error is on its way up; that one is reported."""
+    def _wait_for_tracking(self) -> Exception | None:
+        """Let the persist thread log what it has; its failure, if any.
+
+        MLflow's client gives up on a server that stops answering after about ``tracking.wait_s`` (Tracker), and
+        after that first failure the thread asks MLflow nothing more: a lost server costs one bounded wait per run.
+        The timeout here is a last resort (importing MLflow alone can take seconds on a busy machine).
+        """
         try:
-            self.persister.close()
-        except Exception as err:  # noqa: BLE001
-            log.warning(f"while stopping on an error, writing a checkpoint or logging also failed: {err}")
+            self.persister.close(timeout=2 * self.tracking_wait_s + 60)
+        except Exception as err:  # noqa: BLE001 - reported by the caller in one line
+            return err
+        return None
+
+    def _tracking_behind(self, err: Exception) -> TrackingBehind:
+        """The one line for a run whose checkpoint holds epochs MLflow lacks; runner.json stays unfinished, so the
+        same command resumes from the last checkpoint, trains nothing more and logs them."""
+        missing = len(self.history.epochs) - len(self.tracker.logged.get("lr", ()))
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return TrackingBehind(
+            f"MLflow at {self.tracker.uri} stopped answering ({reason}); {missing} epoch(s) of "
+            f"{self.record.run_dir} are not in MLflow yet, though checkpointed. Run the same command again, with "
+            f"the tracking server up, to log them."
+        )

@@ -7,6 +7,8 @@ re-attached by id when a job resumes.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -19,6 +21,9 @@ from runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+# Fault injection for the tests: "1" sends SIGKILL to this process right after it created its MLflow run, before
+# runner.json records the run's id (as a kill at that instant would).
+FAULT_AFTER_RUN_CREATED_ENV = "RUNNER_FAULT_AFTER_MLFLOW_RUN"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -55,7 +60,9 @@ def check_store_reachable(uri: str | None) -> None:
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
-            raise ConfigError(f"tracking.uri={uri!r}: the folder {folder} does not exist; create it or point tracking.uri elsewhere.")
+            raise ConfigError(
+                f"tracking.uri={uri!r}: the folder {folder} does not exist; create it or point tracking.uri elsewhere."
+            )
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
@@ -79,6 +86,24 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def bound_http_waits(wait_s: float) -> None:
+    """Make MLflow's client give up on a server that does not answer in about ``wait_s`` seconds, not minutes.
+
+    Its defaults retry one request seven times with growing back-off (about four minutes). Here: five attempts of
+    at most ``wait_s/10`` each, with back-off sleeps (0, 2f, 4f, 8f) adding up to about ``wait_s``, so a server
+    that is down for less than ``wait_s`` (restarted, say) loses nothing. Set before MLflow's first request;
+    settings the user gave MLflow in the environment are kept.
+    """
+    defaults = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, round(wait_s / 14))),  # MLflow reads an integer
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(wait_s / 10))),  # per attempt
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
 @contextmanager
 def _store_errors(uri: str | None):
     try:
@@ -88,6 +113,20 @@ def _store_errors(uri: str | None):
     except Exception as err:  # MLflow raises many types for a store it cannot use
         message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         raise ConfigError(f"tracking.uri={uri!r}: cannot use the MLflow store ({message}).") from None
+
+
+@contextmanager
+def _creating_store(uri: str | None):
+    """One process at a time creates a SQLite store's tables (on its first use): two at once fail with "table
+    already exists". A sweep does this once before its jobs (runner.sweep); single launches take turns here."""
+    database = Path(uri.removeprefix("sqlite:///")) if (uri or "").startswith("sqlite:///") else None
+    if database is None or not database.parent.is_dir():  # None: MLflow's default; no folder: open_client says so
+        yield
+        return
+    from runner.locks import locked
+
+    with locked(database.with_name(f"{database.name}.lock")):
+        yield
 
 
 def open_client(uri: str | None):
@@ -116,15 +155,16 @@ def open_experiment(uri: str | None, name: str):
     """
     from mlflow.exceptions import MlflowException
 
-    client = open_client(uri)
-    with _store_errors(client.tracking_uri):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return client, experiment.experiment_id
-        try:
-            return client, client.create_experiment(name)
-        except MlflowException:  # another job created it first
-            return client, client.get_experiment_by_name(name).experiment_id
+    with _creating_store(uri):
+        client = open_client(uri)
+        with _store_errors(client.tracking_uri):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                return client, experiment.experiment_id
+            try:
+                return client, client.create_experiment(name)
+            except MlflowException:  # another job created it first
+                return client, client.get_experiment_by_name(name).experiment_id
 
 
 class Tracker:
@@ -134,8 +174,9 @@ class Tracker:
     that are trained again after a restart from an older checkpoint are not logged twice.
     """
 
-    def __init__(self, uri: str | None, experiment: str):
+    def __init__(self, uri: str | None, experiment: str, wait_s: float = 30.0):
         self.uri, self.experiment = uri, experiment
+        bound_http_waits(wait_s)
         self.run_id: str | None = None
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
@@ -144,16 +185,38 @@ class Tracker:
     def opened(self) -> bool:
         return self.run_id is not None
 
-    def open(self, run_name: str, run_id: str | None = None) -> Tracker:
-        """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened."""
+    def open(self, run_name: str, run_id: str | None = None, run_dir: str | None = None) -> Tracker:
+        """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened.
+
+        A run is tagged with its ``run_dir`` when created. Without ``run_id``, a RUNNING run of that directory is
+        adopted: a launch killed before runner.json recorded its run's id left it, and this launch holds the
+        directory, so no process is logging to it.
+        """
         self.client, experiment_id = open_experiment(self.uri, self.experiment)
         self.uri = self.client.tracking_uri
         with _store_errors(self.uri):
+            if run_id is None and run_dir is not None and (run_id := self._orphan_of(experiment_id, run_dir)):
+                log.info(
+                    f"adopting MLflow run {run_id}, left RUNNING for {run_dir} by a launch killed before recording it"
+                )
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+                tags = {"run_dir": run_dir} if run_dir is not None else None
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+                if os.environ.get(FAULT_AFTER_RUN_CREATED_ENV) == "1":
+                    os.kill(os.getpid(), signal.SIGKILL)
         return self
+
+    def _orphan_of(self, experiment_id: str, run_dir: str) -> str | None:
+        """The newest RUNNING MLflow run tagged with ``run_dir``, if any."""
+        if "'" in run_dir:  # not expressible in MLflow's filter language; such a directory adopts nothing
+            return None
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.run_dir = '{run_dir}' and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )  # fmt: skip
+        return runs[0].info.run_id if runs else None
 
     def _reattach(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -161,7 +224,9 @@ class Tracker:
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
-            log.warning(f"MLflow run {run_id} is not in {self.uri}; starting a new MLflow run and logging the history again")
+            log.warning(
+                f"MLflow run {run_id} is not in {self.uri}; starting a new MLflow run and logging the history again"
+            )
             return False
         for key in run.data.metrics:
             self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
@@ -192,8 +257,12 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(key, float(value), now, step) for step, metrics in entries for key, value in metrics.items()
-                 if step not in self.logged.get(key, ())]
+        fresh = [
+            Metric(key, float(value), now, step)
+            for step, metrics in entries
+            for key, value in metrics.items()
+            if step not in self.logged.get(key, ())
+        ]
         for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
         for metric in fresh:

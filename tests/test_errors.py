@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import run_runner
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
@@ -52,3 +53,34 @@ def test_hydra_and_omegaconf_errors_count_as_config_errors_and_others_do_not():
     assert is_config_error(caught.value)
     assert is_config_error(ConfigError("x"))
     assert not is_config_error(ZeroDivisionError("a bug, with its traceback"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.epoch=3", "Could not override 'trainer.epoch'; Key 'epoch' not in 'TrainerConfig'; To append"),
+        ("optimizer=nope", "Could not find 'optimizer/nope'; Available options in 'optimizer': adam, adamw, asgd, sgd"),
+        ("trainer.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("optimizer.lr=[1", "cannot parse the override 'optimizer.lr=[1': no viable alternative at input '[1'"),
+        (
+            "scheduler.lr_lambda=0.1*(1+epoch)",
+            "cannot parse the override 'scheduler.lr_lambda=0.1*(1+epoch)': mismatched",
+        ),
+    ],
+)
+def test_hydra_config_errors_are_one_line_and_exit_2(tmp_path, override, expected):
+    result = run_runner(override, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line
+    if "cannot parse" in expected:
+        assert "Quote a value" in line and "for the shell and for Hydra" in line
+
+
+def test_hydra_config_errors_in_a_sweep_are_one_line_and_hydra_full_error_still_gives_the_traceback(tmp_path):
+    sweep = run_runner("-m", "trainer.epoch=3,4", cwd=tmp_path, timeout=120)
+    assert sweep.returncode == 2
+    (line,) = sweep.stderr.strip().splitlines()
+    assert "Key 'epoch' not in 'TrainerConfig'" in line
+    full = run_runner("trainer.epoch=3", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigCompositionException" in full.stderr

@@ -1,0 +1,117 @@
+"""A tracking server that goes away for good: training goes on, the runner waits once and briefly, says what MLflow
+lacks, and the same command logs it. A real ``mlflow server`` on 127.0.0.1, killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import TINY, metric_series, mlflow_runs, run_runner
+from mlflow import MlflowClient
+
+from runner.signals import EXIT_STOPPED
+from runner.tracking import FAULT_AFTER_RUN_CREATED_ENV
+
+EPOCHS = 12  # the server goes away after the first epochs are logged; training goes on for the rest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, store: Path, cwd: Path) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(cwd / "artifacts"), "--workers", "1"],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return server
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not answer within 120 s")
+
+
+def logged_epochs(store: Path) -> int:
+    """How many epochs' val_loss the server's own store holds, read directly."""
+    if not store.exists():
+        return 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("runner")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return len(client.get_metric_history(runs[0].info.run_id, "val_loss")) if runs else 0
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn worker, with no goodbye
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_for_good_costs_one_bounded_wait_and_the_same_command_logs_the_rest(tmp_path):
+    port, store = free_port(), tmp_path / "server.db"
+    command = [sys.executable, "-m", "runner", *TINY, f"trainer.epochs={EPOCHS}", "trainer.checkpoint_min_seconds=0",
+               f"tracking.uri=http://127.0.0.1:{port}", "tracking.wait_s=5", "hydra.run.dir=run"]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
+    server = start_server(port, store, tmp_path)
+    try:
+        with open(tmp_path / "first.err", "w+") as err:
+            runner = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=err)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not logged_epochs(store):  # MLflow has some epochs already
+                assert runner.poll() is None, (tmp_path / "first.err").read_text()[-2000:]
+                time.sleep(0.2)
+            kill_server(server)
+            killed_at = time.monotonic()
+            assert runner.wait(timeout=300) == EXIT_STOPPED, (tmp_path / "first.err").read_text()[-3000:]
+            assert time.monotonic() - killed_at < 90, "one bounded wait, not minutes of retries per request"
+        first = (tmp_path / "first.err").read_text()
+        assert "Traceback" not in first and f"epoch {EPOCHS}/{EPOCHS}" in first  # training went on to the end
+        (line,) = [line for line in first.splitlines() if "stopped answering" in line]
+        assert f"MLflow at http://127.0.0.1:{port} stopped answering" in line and "epoch(s) of" in line
+        assert "Run the same command again, with the tracking server up, to log them." in line
+        missing = int(re.search(r"; (\d+) epoch\(s\) of ", line).group(1))
+        assert 1 <= missing <= EPOCHS - 1  # some epochs were logged before the server went away
+
+        server = start_server(port, store, tmp_path)
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "trained; logging what MLflow lacks" in again.stderr and "epoch 1/" not in again.stderr
+    finally:
+        if server.poll() is None:
+            kill_server(server)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert len(metric_series(client, run.info.run_id, "val_loss")) == EPOCHS  # every epoch, each once
+
+
+@pytest.mark.slow
+def test_a_launch_killed_before_recording_its_mlflow_run_leaves_it_to_the_next_launch_to_adopt(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*TINY, f"tracking.uri={uri}", "hydra.run.dir=run"]
+    killed = run_runner(*args, cwd=tmp_path, env={FAULT_AFTER_RUN_CREATED_ENV: "1"}, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _, (orphan,) = mlflow_runs(uri, "runner")
+    assert orphan.info.status == "RUNNING"
+
+    again = run_runner(*args, cwd=tmp_path, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"adopting MLflow run {orphan.info.run_id}, left RUNNING for {tmp_path / 'run'}" in again.stderr
+    client, (run,) = mlflow_runs(uri, "runner")  # the same run, continued and closed: none left RUNNING
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+    assert len(metric_series(client, run.info.run_id, "val_loss")) == 2

@@ -57,7 +57,8 @@ CASES = [
 ]
 N, R = 100_000, 7
 print(
-    f"{'expression (before | after)':<90} {'expr before':>11} {'expr after':>10} {'factor before':>13} {'factor after':>12}  (us per call)"
+    f"{'expression (before | after)':<90} {'expr before':>11} {'expr after':>10} "
+    f"{'factor before':>13} {'factor after':>12}  (us per call)"
 )
 for old_src, new_src, constants in CASES:
     per_batch = "step" in old_src
@@ -76,5 +77,6 @@ for old_src, new_src, constants in CASES:
         ):
             best[key] = min(best[key], timeit.timeit(fn, number=N) / N * 1e6)
     print(
-        f"{old_src[:44] + ' | ' + new_src[:40]:<90} {best['oe']:>11.3f} {best['ne']:>10.3f} {best['of']:>13.3f} {best['nf']:>12.3f}"
+        f"{old_src[:44] + ' | ' + new_src[:40]:<90} {best['oe']:>11.3f} {best['ne']:>10.3f} "
+        f"{best['of']:>13.3f} {best['nf']:>12.3f}"
     )

@@ -150,13 +150,22 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
         tracker = Tracker(uri, "bench").open("sync")
         for epoch in range(repeats):
             header = session.checkpoint_header()
-            checkpoint_times.append(timed(lambda: save_checkpoint(run_dir, {**session.state.state_dict(), **header}, 2)))
+            checkpoint_times.append(
+                timed(lambda: save_checkpoint(run_dir, {**session.state.state_dict(), **header}, 2))
+            )
             metrics = {"lr": 0.1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}
             mlflow_times.append(timed(lambda: tracker.log_metrics(metrics, epoch)))
     with_s, without_s = statistics.median(with_times), statistics.median(without_times)
-    fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times, strict=True))  # paired, as for the loops
-    return {"epoch_s": without_s, "epoch_with_persistence_s": with_s, "persistence_fraction": fraction,
-            "sync_checkpoint_s": statistics.median(checkpoint_times), "sync_mlflow_s": statistics.median(mlflow_times)}
+    fraction = statistics.median(
+        w / wo - 1 for w, wo in zip(with_times, without_times, strict=True)
+    )  # paired, as for the loops
+    return {
+        "epoch_s": without_s,
+        "epoch_with_persistence_s": with_s,
+        "persistence_fraction": fraction,
+        "sync_checkpoint_s": statistics.median(checkpoint_times),
+        "sync_mlflow_s": statistics.median(mlflow_times),
+    }
 
 
 EXTRA_METRICS = "metrics=[accuracy,f1,top5_accuracy]"  # the default's accuracy and two more
@@ -186,8 +195,11 @@ def metrics_cost(repeats: int) -> dict:
         if repeat:
             with_times.append(w), without_times.append(wo)
     fraction = statistics.median(w / wo - 1 for w, wo in zip(with_times, without_times, strict=True))
-    return {"epoch_s": statistics.median(without_times), "epoch_with_extra_metrics_s": statistics.median(with_times),
-            "extra_metrics_fraction": fraction}
+    return {
+        "epoch_s": statistics.median(without_times),
+        "epoch_with_extra_metrics_s": statistics.median(with_times),
+        "extra_metrics_fraction": fraction,
+    }
 
 
 def startup(repeats: int) -> dict:
@@ -200,8 +212,12 @@ def startup(repeats: int) -> dict:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    return {"cfg_job_s": wall("-m", "runner", "--cfg", "job"), "import_torch_mlflow_s": wall("-c", "import torch, mlflow"),
-            "python_s": wall("-c", "pass"), "first_step_s": launch_to_first_step(repeats)}
+    return {
+        "cfg_job_s": wall("-m", "runner", "--cfg", "job"),
+        "import_torch_mlflow_s": wall("-c", "import torch, mlflow"),
+        "python_s": wall("-c", "pass"),
+        "first_step_s": launch_to_first_step(repeats),
+    }
 
 
 def launch_to_first_step(repeats: int) -> float:
@@ -213,8 +229,13 @@ def launch_to_first_step(repeats: int) -> float:
     with tempfile.TemporaryDirectory() as cwd:
         for attempt in range(repeats + 1):  # the first launch creates the store
             start = time.perf_counter()
-            process = subprocess.Popen([sys.executable, "-m", "runner", "trainer.epochs=1", "trainer.progress_bar=false", "resume=never"],
-                                       cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "runner", "trainer.epochs=1", "trainer.progress_bar=false", "resume=never"],
+                cwd=cwd,
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+            )
             for line in process.stderr:
                 if "] - training on " in line:
                     if attempt:
@@ -234,7 +255,11 @@ def batcher_vs_dataloader(repeats: int, batch_size: int = 32) -> dict:
         ta, tb = timed(lambda: [None for _ in ours.epoch(epoch)]), timed(lambda: [None for _ in loader])
         if epoch:
             a.append(ta), b.append(tb)
-    return {"device_batcher_s": statistics.median(a), "dataloader_s": statistics.median(b), "speedup": statistics.median(b) / statistics.median(a)}
+    return {
+        "device_batcher_s": statistics.median(a),
+        "dataloader_s": statistics.median(b),
+        "speedup": statistics.median(b) / statistics.median(a),
+    }
 
 
 def main() -> None:
@@ -250,29 +275,42 @@ def main() -> None:
         "FakeData CNN, batch 32": ["model=cnn", "data=fake", "data.size=640", "trainer.batch_size=32"],
         "FakeData CNN, batch 256": ["model=cnn", "data=fake", "data.size=2560", "trainer.batch_size=256"],
     }
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread, torch {torch.__version__}".strip(),
-               "loop": {name: runner_vs_plain(o, args.repeats) for name, o in workloads.items()},
-               "per_epoch_costs": persistence_cost(args.repeats),
-               "extra_metrics": metrics_cost(args.repeats),
-               "startup": startup(3),
-               "batcher": batcher_vs_dataloader(args.repeats)}
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread, "
+        f"torch {torch.__version__}".strip(),
+        "loop": {name: runner_vs_plain(o, args.repeats) for name, o in workloads.items()},
+        "per_epoch_costs": persistence_cost(args.repeats),
+        "extra_metrics": metrics_cost(args.repeats),
+        "startup": startup(3),
+        "batcher": batcher_vs_dataloader(args.repeats),
+    }
 
     print(f"machine: {results['machine']}")
     print(f"{'workload':<26}{'runner s':>10}{'plain s':>10}{'ratio':>8}")
     for name, r in results["loop"].items():
         print(f"{name:<26}{r['runner_s']:>10.4f}{r['plain_s']:>10.4f}{r['ratio']:>8.3f}")
     c = results["per_epoch_costs"]
-    print(f"default epoch {c['epoch_s'] * 1e3:.1f} ms; with checkpoint + MLflow logging {c['epoch_with_persistence_s'] * 1e3:.1f} ms "
-          f"(+{c['persistence_fraction']:.1%}); done synchronously they would take {c['sync_checkpoint_s'] * 1e3:.1f} ms + "
-          f"{c['sync_mlflow_s'] * 1e3:.1f} ms (blocks of 200 epochs; trainer.checkpoint_min_seconds=1)")
+    print(
+        f"default epoch {c['epoch_s'] * 1e3:.1f} ms; with checkpoint + MLflow logging "
+        f"{c['epoch_with_persistence_s'] * 1e3:.1f} ms (+{c['persistence_fraction']:.1%}); done synchronously they "
+        f"would take {c['sync_checkpoint_s'] * 1e3:.1f} ms + "
+        f"{c['sync_mlflow_s'] * 1e3:.1f} ms (blocks of 200 epochs; trainer.checkpoint_min_seconds=1)"
+    )
     m = results["extra_metrics"]
-    print(f"default epoch with validation {m['epoch_s'] * 1e3:.1f} ms; with f1 and top5_accuracy as well "
-          f"{m['epoch_with_extra_metrics_s'] * 1e3:.1f} ms (+{m['extra_metrics_fraction']:.1%})")
+    print(
+        f"default epoch with validation {m['epoch_s'] * 1e3:.1f} ms; with f1 and top5_accuracy as well "
+        f"{m['epoch_with_extra_metrics_s'] * 1e3:.1f} ms (+{m['extra_metrics_fraction']:.1%})"
+    )
     s = results["startup"]
-    print(f"start-up: --cfg job {s['cfg_job_s']:.2f}s; launch to first step {s['first_step_s']:.2f}s; "
-          f"python -c 'import torch, mlflow' {s['import_torch_mlflow_s']:.2f}s; bare python {s['python_s']:.2f}s")
+    print(
+        f"start-up: --cfg job {s['cfg_job_s']:.2f}s; launch to first step {s['first_step_s']:.2f}s; "
+        f"python -c 'import torch, mlflow' {s['import_torch_mlflow_s']:.2f}s; bare python {s['python_s']:.2f}s"
+    )
     b = results["batcher"]
-    print(f"digits batch 32: device batcher {b['device_batcher_s'] * 1e3:.2f} ms/epoch vs DataLoader {b['dataloader_s'] * 1e3:.2f} ms/epoch ({b['speedup']:.1f}x)")
+    print(
+        f"digits batch 32: device batcher {b['device_batcher_s'] * 1e3:.2f} ms/epoch vs DataLoader "
+        f"{b['dataloader_s'] * 1e3:.2f} ms/epoch ({b['speedup']:.1f}x)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"written to {args.json}")

@@ -61,12 +61,16 @@ class StopAtValue(Callback):
         if mode not in (None, "max", "min"):
             raise ConfigError(f"StopAtValue.mode={mode!r}: use max, min, or leave it out for the table's direction.")
         self.monitor, self.value = monitor, value
-        self.higher_is_better = metric(monitor, "StopAtValue.monitor").higher_is_better if mode is None else mode == "max"
+        self.higher_is_better = (
+            metric(monitor, "StopAtValue.monitor").higher_is_better if mode is None else mode == "max"
+        )
         self.reached_at: int | None = None
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
-            raise ConfigError(f"StopAtValue.monitor={self.monitor!r} is not logged; this run logs {', '.join(metrics)}.")
+            raise ConfigError(
+                f"StopAtValue.monitor={self.monitor!r} is not logged; this run logs {', '.join(metrics)}."
+            )
         current = metrics[self.monitor]
         if (current >= self.value) if self.higher_is_better else (current <= self.value):
             self.reached_at = self.reached_at if self.reached_at is not None else epoch

@@ -188,7 +188,8 @@ def prune_checkpoints(run_dir: Path, newest: Path, keep: int, fingerprint: str) 
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load one checkpoint with ``weights_only=True`` onto the CPU (``load_state_dict`` moves state to the model's device).
+    """Load one checkpoint with ``weights_only=True`` onto the CPU (``load_state_dict`` moves state to the model's
+    device).
 
     Raises:
         CheckpointError: when it was written in another checkpoint format.

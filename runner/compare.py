@@ -83,9 +83,15 @@ def select_runs(client, experiment: str | None, sweep: str | None, run_ids: list
         return runs
     if sweep:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(experiment_ids, filter_string=f"tags.sweep_id = '{sweep}'", max_results=5000) if experiment_ids else []
+        runs = (
+            client.search_runs(experiment_ids, filter_string=f"tags.sweep_id = '{sweep}'", max_results=5000)
+            if experiment_ids
+            else []
+        )
         if not runs:
-            raise ConfigError(f"no runs tagged sweep_id={sweep} in {client.tracking_uri}; the tag is in each run's MLflow tags.")
+            raise ConfigError(
+                f"no runs tagged sweep_id={sweep} in {client.tracking_uri}; the tag is in each run's MLflow tags."
+            )
         return runs
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -116,7 +122,8 @@ def read_curves(client, run) -> RunCurves:
 
 
 def distinguishing_overrides(override_lists: list[list[str]]) -> list[str]:
-    """For each list, the overrides that set it apart, joined ("" when none): those all share say nothing in a legend."""
+    """For each list, the overrides that set it apart, joined ("" when none): those all share say nothing in a
+    legend."""
     shared = set.intersection(*(set(overrides) for overrides in override_lists)) if override_lists else set()
     return [" ".join(o for o in overrides if o not in shared) for overrides in override_lists]
 
@@ -150,7 +157,10 @@ def table_rows(runs: list[RunCurves]) -> tuple[list[str], list[list[str]]]:
 
 def as_text(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -186,7 +196,9 @@ def draw(runs: list[RunCurves], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def compare(uri: str | None, experiment: str | None, sweep: str | None, run_ids: list[str] | None, out: Path, sort_key: str) -> str:
+def compare(
+    uri: str | None, experiment: str | None, sweep: str | None, run_ids: list[str] | None, out: Path, sort_key: str
+) -> str:
     """Write out.png, out.csv and out.md; return the ranking as text."""
     from runner.tracking import open_client
 
@@ -212,9 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--sweep", help="the sweep_id tag of a multirun's jobs")
     which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these MLflow run ids")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--out", type=Path, default=Path("comparison"), help="path prefix of the .png/.csv/.md (default: comparison)")
-    parser.add_argument("--sort", choices=SORT_KEYS, default="final_val_loss", help="ranking order (default: final_val_loss)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("comparison"), help="path prefix of the .png/.csv/.md (default: comparison)"
+    )
+    parser.add_argument(
+        "--sort", choices=SORT_KEYS, default="final_val_loss", help="ranking order (default: final_val_loss)"
+    )
     args = parser.parse_args(argv)
     try:
         text = compare(args.tracking_uri, args.experiment, args.sweep, args.runs, args.out, args.sort)

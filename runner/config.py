@@ -97,7 +97,8 @@ def check_strategy(trainer: DictConfig) -> None:
     if trainer.strategy == "ddp" and world_size is None:
         raise ConfigError(
             "trainer.strategy=ddp needs the processes torchrun starts; launch with "
-            "`torchrun --nproc_per_node=N -m runner trainer.strategy=ddp ...`, or use trainer.strategy=auto for one process."
+            "`torchrun --nproc_per_node=N -m runner trainer.strategy=ddp ...`, or use trainer.strategy=auto for one "
+            "process."
         )
     if trainer.strategy == "single" and (world_size or 1) > 1:
         raise ConfigError(
@@ -129,9 +130,15 @@ def check_settings(cfg: DictConfig) -> None:
     if trainer.checkpoint_every < 1:
         raise ConfigError(f"trainer.checkpoint_every must be at least 1 (epochs), got {trainer.checkpoint_every}.")
     if trainer.checkpoint_min_seconds < 0:
-        raise ConfigError(f"trainer.checkpoint_min_seconds must be 0 (every checkpoint_every epochs) or more, got {trainer.checkpoint_min_seconds}.")
+        raise ConfigError(
+            f"trainer.checkpoint_min_seconds must be 0 (every checkpoint_every epochs) or more, got "
+            f"{trainer.checkpoint_min_seconds}."
+        )
     if trainer.checkpoint_every_steps < 0:
-        raise ConfigError(f"trainer.checkpoint_every_steps must be 0 (at epoch ends only) or more, got {trainer.checkpoint_every_steps}.")
+        raise ConfigError(
+            f"trainer.checkpoint_every_steps must be 0 (at epoch ends only) or more, got "
+            f"{trainer.checkpoint_every_steps}."
+        )
     if trainer.keep_checkpoints < 1:
         raise ConfigError(f"trainer.keep_checkpoints must be at least 1, got {trainer.keep_checkpoints}.")
     if trainer.num_workers < 0:

@@ -68,8 +68,10 @@ class DataSplits:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check that the data still is what the checkpoint was trained on (a table edited since, say)."""
         if state["classes"] != self.classes or not _same_values(state["fitted"], self.fitted):
-            raise ValueError("the data differs from the data this checkpoint was trained on (classes or the "
-                             "statistics of the training split); restore the data files or start a new run")  # fmt: skip
+            raise ValueError(
+                "the data differs from the data this checkpoint was trained on (classes or the statistics of the "
+                "training split); restore the data files or start a new run"
+            )
 
 
 def _same_values(a: Any, b: Any) -> bool:
@@ -106,8 +108,11 @@ def complete_splits(result: Any, source: str, settings: dict[str, Any] | None = 
     result.classes = [str(c) for c in classes] if classes is not None else None
     result.num_classes = settings.get("num_classes") or result.num_classes or (len(classes) if classes else None)
     integer_target = not torch.as_tensor(first_target).is_floating_point()
-    result.task = settings.get("task") or result.task or ("classification" if result.num_classes or integer_target
-                                                          else "regression")  # fmt: skip
+    result.task = (
+        settings.get("task")
+        or result.task
+        or ("classification" if result.num_classes or integer_target else "regression")
+    )
     if result.task not in TASKS:
         raise ConfigError(f"data.task={result.task!r}: use classification or regression.")
     if result.is_classification and result.num_classes is None:
@@ -160,7 +165,9 @@ def split_indices(size: int, val_fraction: float, seed: int) -> tuple[torch.Tens
     return order[n_val:], order[:n_val]
 
 
-def _tensor_splits(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int, num_classes: int | None) -> DataSplits:
+def _tensor_splits(
+    x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int, num_classes: int | None
+) -> DataSplits:
     train_idx, val_idx = split_indices(len(x), val_fraction, seed)
     return DataSplits(
         TensorDataset(x[train_idx], y[train_idx]),
@@ -220,7 +227,9 @@ def _torchvision_dataset(name: str, root: str, download: bool, **kwargs):
         ) from None
 
 
-def _load_mnist_like(name: str, seed: int, root: str, download: bool, val_fraction: float, mean: float, std: float) -> DataSplits:
+def _load_mnist_like(
+    name: str, seed: int, root: str, download: bool, val_fraction: float, mean: float, std: float
+) -> DataSplits:
     dataset = _torchvision_dataset(name, root, download)
     x = (dataset.data.float().div(255.0).unsqueeze(1) - mean) / std
     return _tensor_splits(x, dataset.targets.long(), val_fraction, seed, num_classes=10)
@@ -231,7 +240,9 @@ def load_mnist(seed: int, root: str = "data", download: bool = False, val_fracti
     return _load_mnist_like("MNIST", seed, root, download, val_fraction, 0.1307, 0.3081)
 
 
-def load_fashion_mnist(seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12) -> DataSplits:
+def load_fashion_mnist(
+    seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12
+) -> DataSplits:
     """Fashion-MNIST's 60,000 training images, held in memory; the validation split is taken by seed."""
     return _load_mnist_like("FashionMNIST", seed, root, download, val_fraction, 0.2860, 0.3530)
 
@@ -241,18 +252,28 @@ def load_cifar10(seed: int, root: str = "data", download: bool = False, val_frac
     from torchvision import transforms
 
     normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-    dataset = _torchvision_dataset("CIFAR10", root, download, transform=transforms.Compose([transforms.ToTensor(), normalize]))
+    dataset = _torchvision_dataset(
+        "CIFAR10", root, download, transform=transforms.Compose([transforms.ToTensor(), normalize])
+    )
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
     classes = list(dataset.classes)
     train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
     return DataSplits(train, val, input_shape=(3, 32, 32), num_classes=10, classes=classes)
 
 
-def load_fake(seed: int, size: int = 1000, image_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, val_fraction: float = 0.2) -> DataSplits:
+def load_fake(
+    seed: int,
+    size: int = 1000,
+    image_size: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    val_fraction: float = 0.2,
+) -> DataSplits:
     """torchvision's FakeData: random images made per item, read through a DataLoader like files would be."""
     from torchvision import datasets, transforms
 
-    dataset = datasets.FakeData(size, tuple(image_size), num_classes, transform=transforms.ToTensor(), random_offset=seed)
+    dataset = datasets.FakeData(
+        size, tuple(image_size), num_classes, transform=transforms.ToTensor(), random_offset=seed
+    )
     train_idx, val_idx = split_indices(size, val_fraction, seed)
     train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
     return DataSplits(train, val, input_shape=tuple(image_size), num_classes=num_classes)
@@ -264,8 +285,16 @@ class DeviceBatcher:
     ``batch_size`` is this rank's; training batchers (``shuffle``) are padded under DDP, evaluation ones are not.
     """
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset: TensorDataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.x, self.y = (t.to(device) for t in dataset.tensors)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
@@ -309,8 +338,17 @@ class EpochSampler(Sampler[int]):
 class LoaderBatcher:
     """Batches from a DataLoader (workers, pinned memory), moved to the device as they arrive."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        shuffle: bool,
+        num_workers: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size)
         self.batch_size, self.device = batch_size, device
         self.loader = DataLoader(
@@ -332,8 +370,16 @@ class LoaderBatcher:
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
 
-def make_batcher(dataset: Dataset, batch_size: int, device: torch.device, seed: int, shuffle: bool, num_workers: int,
-                 rank: int = 0, world_size: int = 1):
+def make_batcher(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    shuffle: bool,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
     """The in-memory batcher for a TensorDataset, a DataLoader for anything else; ``batch_size`` is the global
     batch, of which this rank takes its ``1 / world_size``."""
     local_batch = batch_size // world_size

@@ -59,7 +59,10 @@ class Distributed:
         if not self.enabled:
             return ""
         processes = f"{self.world_size} process" + ("es" if self.world_size > 1 else "")
-        return f" (DDP over {processes}, {self.backend}; {batch_size // self.world_size} samples per process per step, {batch_size} in all)"
+        per_process = batch_size // self.world_size
+        return (
+            f" (DDP over {processes}, {self.backend}; {per_process} samples per process per step, {batch_size} in all)"
+        )
 
     def share(self, compute: Callable[[], T]) -> T:
         """Rank 0 computes the value and every rank gets it; a RunnerError there is raised on every rank."""
@@ -157,11 +160,19 @@ def start_distributed(trainer: Any) -> Distributed:
     backend = trainer.backend if trainer.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         why = "CUDA is not available here" if not torch.cuda.is_available() else "trainer.device=cpu"
-        raise ConfigError(f"trainer.backend=nccl needs CUDA, but {why}; use trainer.backend=gloo (or auto, which takes gloo on the CPU).")
+        raise ConfigError(
+            f"trainer.backend=nccl needs CUDA, but {why}; use trainer.backend=gloo (or auto, which takes gloo on the "
+            f"CPU)."
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=_attempt_store(), rank=rank, world_size=world_size,
-                            device_id=device if backend == "nccl" else None)
+    dist.init_process_group(
+        backend,
+        store=_attempt_store(),
+        rank=rank,
+        world_size=world_size,
+        device_id=device if backend == "nccl" else None,
+    )
     control = dist.new_group(backend="gloo") if backend == "nccl" else None
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the run's story, from rank 0
@@ -186,12 +197,18 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
     if name == "mps":
         raise ConfigError("trainer.strategy=ddp does not run on MPS; use trainer.device=cpu.")
     if name not in ("auto", "cuda"):
-        raise ConfigError(f"trainer.device={name}: under DDP each process takes cuda:LOCAL_RANK; use trainer.device=cuda (or auto).")
+        raise ConfigError(
+            f"trainer.device={name}: under DDP each process takes cuda:LOCAL_RANK; use trainer.device=cuda (or auto)."
+        )
     if not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but CUDA is not available here; use trainer.device=cpu (DDP over Gloo) or auto.")
+        raise ConfigError(
+            "trainer.device=cuda but CUDA is not available here; use trainer.device=cpu (DDP over Gloo) or auto."
+        )
     if local_rank >= torch.cuda.device_count():
-        raise RunnerError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s); "
-                          f"start at most that many processes per node (torchrun --nproc_per_node).")
+        raise RunnerError(
+            f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s); "
+            f"start at most that many processes per node (torchrun --nproc_per_node)."
+        )
     return torch.device("cuda", local_rank)
 
 

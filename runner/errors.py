@@ -89,15 +89,12 @@ class CheckpointNotWritten(NotFinished):
     from it once the cause is gone."""
 
 
-
 class TrackingBehind(NotFinished):
     """Training went on when the tracking server stopped answering; MLflow lacks epochs the checkpoint holds."""
 
 
-
 class RunInUse(NotFinished):
     """The run this launch would continue is being trained by another process; nothing was done, try again later."""
-
 
 
 class ReportedByRankZero(RunnerError):

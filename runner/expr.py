@@ -107,9 +107,18 @@ _COMPARE = {
 }
 _SYMBOLS = "+ - * / // % **, comparisons (< <= > >= == !=), and/or/not, `x if cond else y`"
 _OPERATOR_SYMBOLS = {
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
-    ast.UAdd: "+", ast.USub: "-", ast.Not: "not ", ast.Invert: "~",
-}  # fmt: skip
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.UAdd: "+",
+    ast.USub: "-",
+    ast.Not: "not ",
+    ast.Invert: "~",
+}
 
 # What a refused node is called in the error message.
 _REFUSED_KINDS = {
@@ -197,8 +206,16 @@ def _fold(compiled: Compiled, *parts: Compiled) -> Compiled:
 
 
 class _Compiler:
-    def __init__(self, source: str, variables: frozenset[str], where: str, constants: Mapping[str, Number],
-                 aliases: Mapping[str, str], constants_key: str | None = None, trace: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        source: str,
+        variables: frozenset[str],
+        where: str,
+        constants: Mapping[str, Number],
+        aliases: Mapping[str, str],
+        constants_key: str | None = None,
+        trace: bool = False,
+    ):
         self.source = source
         self.variables = variables
         self.where = where
@@ -306,7 +323,8 @@ class _Compiler:
         elif name in FUNCTIONS:
             hint = f"{name} is a function: call it, {name}(...); "
         elif self.constants_key:
-            hint = f"if it is a number of yours, name it in {self.constants_key}, e.g. {self.constants_key}={{{name}: 10}}; "
+            example = f"{self.constants_key}={{{name}: 10}}"
+            hint = f"if it is a number of yours, name it in {self.constants_key}, e.g. {example}; "
         raise self.refuse(node, "the unknown name", hint=hint)
 
     def _attribute(self, node: ast.Attribute) -> Compiled:
@@ -482,9 +500,15 @@ class Expression:
         constants_key: where the user defines constants, named when an unknown name is met.
     """
 
-    def __init__(self, source: str, variables: Iterable[str] = ("epoch",), where: str = "expression",
-                 constants: Mapping[str, Number] | None = None, lambda_parameter: str | None = None,
-                 constants_key: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: str,
+        variables: Iterable[str] = ("epoch",),
+        where: str = "expression",
+        constants: Mapping[str, Number] | None = None,
+        lambda_parameter: str | None = None,
+        constants_key: str | None = None,
+    ):
         if not isinstance(source, str):
             raise ExpressionError(
                 f"{where}: expected an expression string such as '0.5 ** (epoch // 3)', got {source!r}."
@@ -521,8 +545,9 @@ class Expression:
         self._compiled = self._compiler(trace=False).compile(body)
 
     def _compiler(self, trace: bool) -> _Compiler:
-        return _Compiler(self._stripped, self.variables, self.where, self.constants, self._aliases,
-                         self._constants_key, trace)  # fmt: skip
+        return _Compiler(
+            self._stripped, self.variables, self.where, self.constants, self._aliases, self._constants_key, trace
+        )
 
     def __call__(self, **values: Number) -> Number:
         return self.evaluate(values)
@@ -560,8 +585,14 @@ class Expression:
 
 
 def _one_parameter(args: ast.arguments) -> bool:
-    return (len(args.args) == 1 and not args.posonlyargs and not args.kwonlyargs and not args.vararg
-            and not args.kwarg and not args.defaults)  # fmt: skip
+    return (
+        len(args.args) == 1
+        and not args.posonlyargs
+        and not args.kwonlyargs
+        and not args.vararg
+        and not args.kwarg
+        and not args.defaults
+    )
 
 
 def _syntax_hint(source: str) -> str:
@@ -573,8 +604,13 @@ def _syntax_hint(source: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def compile_expression(source: str, variables: tuple[str, ...] = ("epoch",), where: str = "expression",
-                       constants: tuple[tuple[str, Number], ...] = (), lambda_parameter: str | None = None,
-                       constants_key: str | None = None) -> Expression:  # fmt: skip
+def compile_expression(
+    source: str,
+    variables: tuple[str, ...] = ("epoch",),
+    where: str = "expression",
+    constants: tuple[tuple[str, Number], ...] = (),
+    lambda_parameter: str | None = None,
+    constants_key: str | None = None,
+) -> Expression:
     """Parse and check ``source`` once; later calls with the same arguments reuse the result."""
     return Expression(source, variables, where, dict(constants), lambda_parameter, constants_key)

@@ -21,13 +21,15 @@ def _transform(image_size: int, mean: list[float], std: list[float], augment: li
     import torch
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize((image_size, image_size), antialias=True),
-        *augment,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((image_size, image_size), antialias=True),
+            *augment,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 def _folder(root: Path, transform, key: str = "data.root"):

@@ -33,8 +33,9 @@ def cross_entropy(label_smoothing: float = 0.0, weight: list[float] | None = Non
     """torch's CrossEntropyLoss, with class weights given as a plain list in the YAML."""
     if not 0 <= label_smoothing < 1:
         raise ConfigError(f"loss.label_smoothing={label_smoothing}: use a value from 0 (none) up to, not including, 1.")
-    return nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32) if weight else None,
-                               label_smoothing=label_smoothing)  # fmt: skip
+    return nn.CrossEntropyLoss(
+        weight=torch.tensor(weight, dtype=torch.float32) if weight else None, label_smoothing=label_smoothing
+    )
 
 
 def _is_the_loss_itself(target: Callable[..., Any], arguments: dict[str, Any]) -> bool:
@@ -45,7 +46,9 @@ def _is_the_loss_itself(target: Callable[..., Any], arguments: dict[str, Any]) -
         parameters = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):
         return False
-    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [
+        p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return len(required) >= 2
 
 
@@ -56,8 +59,10 @@ def build_loss(node: DictConfig, task: str) -> Loss:
         return target
     loss = build_node("loss", node, task=task)
     if not callable(loss):
-        raise ConfigError(f"loss._target_={node._target_}: built a {type(loss).__name__}, which is not callable; "
-                          f"give an nn.Module or a function of (outputs, targets).")  # fmt: skip
+        raise ConfigError(
+            f"loss._target_={node._target_}: built a {type(loss).__name__}, which is not callable; "
+            f"give an nn.Module or a function of (outputs, targets)."
+        )
     if isinstance(weight := getattr(loss, "weight", None), torch.Tensor) and isinstance(loss, nn.Module):
         loss.register_buffer("weight", weight)  # moves to the device with .to()
     return loss
@@ -84,8 +89,12 @@ def check_loss_fits(loss: Loss, model: nn.Module, inputs: torch.Tensor, targets:
         except Exception as err:  # noqa: BLE001
             where = f"a batch of inputs of shape {tuple(inputs.shape)}"
             if is_users_code(model):
-                raise UserCodeError(f"model ({type(model).__name__}) raised on {where}: {type(err).__name__}: {err}") from err
-            raise ConfigError(f"model ({type(model).__name__}) does not take {where}: {str(err).splitlines()[0]}.") from None
+                raise UserCodeError(
+                    f"model ({type(model).__name__}) raised on {where}: {type(err).__name__}: {err}"
+                ) from err
+            raise ConfigError(
+                f"model ({type(model).__name__}) does not take {where}: {str(err).splitlines()[0]}."
+            ) from None
         try:
             with warnings.catch_warnings():
                 # torch's MSE/L1/Huber broadcast (N, 1) against (N,) with only a warning: a silently wrong loss.
@@ -103,4 +112,6 @@ def check_loss_fits(loss: Loss, model: nn.Module, inputs: torch.Tensor, targets:
     model.train(training)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConfigError(f"loss ({loss_name(loss)}) gave {shape}, not one number; reduce it (mean or sum) to a scalar.")
+        raise ConfigError(
+            f"loss ({loss_name(loss)}) gave {shape}, not one number; reduce it (mean or sum) to a scalar."
+        )

@@ -56,25 +56,73 @@ METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
         Metric("loss", False, SAMPLE_MEAN, "the loss, averaged over the split's samples (train_loss, val_loss)"),
-        Metric("accuracy", True, FROM_SUMMED_COUNTS, "share of samples whose top class is right", "classification",
-               _CLASSIFICATION + "MulticlassAccuracy", {"average": "micro"}),
-        Metric("top5_accuracy", True, FROM_SUMMED_COUNTS, "share of samples whose class is among the top 5",
-               "classification", _CLASSIFICATION + "MulticlassAccuracy", {"average": "micro", "top_k": 5}),
-        Metric("balanced_accuracy", True, FROM_SUMMED_COUNTS, "recall averaged over classes", "classification",
-               _CLASSIFICATION + "MulticlassAccuracy", {"average": "macro"}),
-        Metric("f1", True, FROM_SUMMED_COUNTS, "F1 score, macro-averaged over classes", "classification",
-               _CLASSIFICATION + "MulticlassF1Score", {"average": "macro"}),
-        Metric("precision", True, FROM_SUMMED_COUNTS, "precision, macro-averaged over classes", "classification",
-               _CLASSIFICATION + "MulticlassPrecision", {"average": "macro"}),
-        Metric("recall", True, FROM_SUMMED_COUNTS, "recall, macro-averaged over classes", "classification",
-               _CLASSIFICATION + "MulticlassRecall", {"average": "macro"}),
+        Metric(
+            "accuracy",
+            True,
+            FROM_SUMMED_COUNTS,
+            "share of samples whose top class is right",
+            "classification",
+            _CLASSIFICATION + "MulticlassAccuracy",
+            {"average": "micro"},
+        ),
+        Metric(
+            "top5_accuracy",
+            True,
+            FROM_SUMMED_COUNTS,
+            "share of samples whose class is among the top 5",
+            "classification",
+            _CLASSIFICATION + "MulticlassAccuracy",
+            {"average": "micro", "top_k": 5},
+        ),
+        Metric(
+            "balanced_accuracy",
+            True,
+            FROM_SUMMED_COUNTS,
+            "recall averaged over classes",
+            "classification",
+            _CLASSIFICATION + "MulticlassAccuracy",
+            {"average": "macro"},
+        ),
+        Metric(
+            "f1",
+            True,
+            FROM_SUMMED_COUNTS,
+            "F1 score, macro-averaged over classes",
+            "classification",
+            _CLASSIFICATION + "MulticlassF1Score",
+            {"average": "macro"},
+        ),
+        Metric(
+            "precision",
+            True,
+            FROM_SUMMED_COUNTS,
+            "precision, macro-averaged over classes",
+            "classification",
+            _CLASSIFICATION + "MulticlassPrecision",
+            {"average": "macro"},
+        ),
+        Metric(
+            "recall",
+            True,
+            FROM_SUMMED_COUNTS,
+            "recall, macro-averaged over classes",
+            "classification",
+            _CLASSIFICATION + "MulticlassRecall",
+            {"average": "macro"},
+        ),
         Metric("mae", False, SAMPLE_MEAN, "mean absolute error", "regression", _REGRESSION + "MeanAbsoluteError"),
         Metric("mse", False, SAMPLE_MEAN, "mean squared error", "regression", _REGRESSION + "MeanSquaredError"),
-        Metric("rmse", False, SAMPLE_MEAN, "root mean squared error", "regression", _REGRESSION + "MeanSquaredError",
-               {"squared": False}),
-        Metric("r2", True, FROM_SUMMED_MOMENTS, "coefficient of determination", "regression",
-               _REGRESSION + "R2Score"),
-    )  # fmt: skip
+        Metric(
+            "rmse",
+            False,
+            SAMPLE_MEAN,
+            "root mean squared error",
+            "regression",
+            _REGRESSION + "MeanSquaredError",
+            {"squared": False},
+        ),
+        Metric("r2", True, FROM_SUMMED_MOMENTS, "coefficient of determination", "regression", _REGRESSION + "R2Score"),
+    )
 }
 # What a run logs when the config names no metrics (metrics: null), by task.
 DEFAULT_METRICS = {"classification": ["accuracy"], "regression": []}
@@ -165,15 +213,21 @@ def _users_metric(node: Any, key: str, num_classes: int | None) -> tuple[Metric,
     else:
         computer = build_node(key, node, leave_out=settings, num_classes=num_classes)
         if not isinstance(computer, torchmetrics.Metric):
-            raise ConfigError(f"{key}: {node._target_} built a {type(computer).__name__}; give a torchmetrics.Metric "
-                              f"class or a function of (outputs, targets).")  # fmt: skip
+            raise ConfigError(
+                f"{key}: {node._target_} built a {type(computer).__name__}; give a torchmetrics.Metric "
+                f"class or a function of (outputs, targets)."
+            )
         default_name, higher = type(computer).__name__.lower(), computer.higher_is_better
     name = node.get("name") or default_name
     higher = node.get("higher_is_better", higher)
     if not name or higher is None:
-        raise ConfigError(f"{key}: give the metric a name and a direction, e.g. {{name: my_score, "
-                          f"higher_is_better: true, _target_: {node._target_}}}.")  # fmt: skip
-    return Metric(str(name), bool(higher), SAMPLE_MEAN, f"the user's {node._target_}", torchmetric=node._target_), computer
+        raise ConfigError(
+            f"{key}: give the metric a name and a direction, e.g. {{name: my_score, "
+            f"higher_is_better: true, _target_: {node._target_}}}."
+        )
+    return Metric(
+        str(name), bool(higher), SAMPLE_MEAN, f"the user's {node._target_}", torchmetric=node._target_
+    ), computer
 
 
 def _batch_mean(function: Any):

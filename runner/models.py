@@ -10,7 +10,9 @@ from torch import nn
 class MLP(nn.Sequential):
     """Flatten, then Linear-ReLU(-Dropout) blocks of the given widths, then a linear head."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden_sizes: list[int] = (128,), dropout: float = 0.0):
+    def __init__(
+        self, input_shape: tuple[int, ...], num_outputs: int, hidden_sizes: list[int] = (128,), dropout: float = 0.0
+    ):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for hidden in hidden_sizes:

@@ -98,9 +98,14 @@ def label_previews(previews: list[Preview]) -> None:
 def table(previews: list[Preview]) -> str:
     header = ["epoch", *(p.label if len(previews) > 1 else "lr" for p in previews)]
     epochs = max(len(p.epoch_lrs) for p in previews)
-    rows = [[str(e + 1), *(f"{p.epoch_lrs[e]:.6g}" if e < len(p.epoch_lrs) else "" for p in previews)] for e in range(epochs)]
+    rows = [
+        [str(e + 1), *(f"{p.epoch_lrs[e]:.6g}" if e < len(p.epoch_lrs) else "" for p in previews)]
+        for e in range(epochs)
+    ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]
+    )
 
 
 def draw(previews: list[Preview], path: Path) -> None:
@@ -132,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m runner")
     parser.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one curve each")
-    parser.add_argument("--out", type=Path, default=Path("schedule.png"), help="the PNG to write (default: schedule.png)")
-    parser.add_argument("--steps-per-epoch", type=int, default=None, help="batches per epoch, for schedules that count them")
+    parser.add_argument(
+        "--out", type=Path, default=Path("schedule.png"), help="the PNG to write (default: schedule.png)"
+    )
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="batches per epoch, for schedules that count them"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

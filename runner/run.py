@@ -56,7 +56,9 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     built = build_everything(cfg, ranks.device, ranks.world_size)
     if ranks.world_size > 1:
-        torch.manual_seed(cfg.trainer.seed + ranks.rank)  # the model is built alike everywhere; dropout differs per rank
+        torch.manual_seed(
+            cfg.trainer.seed + ranks.rank
+        )  # the model is built alike everywhere; dropout differs per rank
     session = TrainingSession(cfg, built, record, settings, ranks)
     if launch.checkpoint is not None:
         session.resume(launch)

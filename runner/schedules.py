@@ -53,8 +53,14 @@ class ExpressionFactor:
 
     __slots__ = ("__dict__", "_expression")
 
-    def __init__(self, expression: str, steps_per_epoch: int = 1, stepped_per_batch: bool = False,
-                 constants: dict[str, Any] | None = None, epochs: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        expression: str,
+        steps_per_epoch: int = 1,
+        stepped_per_batch: bool = False,
+        constants: dict[str, Any] | None = None,
+        epochs: int | None = None,
+    ):
         self.expression = expression
         self.steps_per_epoch = steps_per_epoch
         self.stepped_per_batch = stepped_per_batch
@@ -67,9 +73,13 @@ class ExpressionFactor:
         if self.epochs is not None:
             names.update(epochs=self.epochs, total_steps=self.epochs * self.steps_per_epoch)
         self._expression = compile_expression(
-            self.expression, EXPRESSION_VARIABLES, "scheduler.lr_lambda", tuple(names.items()),
-            "step" if self.stepped_per_batch else "epoch", "scheduler.constants",
-        )  # fmt: skip
+            self.expression,
+            EXPRESSION_VARIABLES,
+            "scheduler.lr_lambda",
+            tuple(names.items()),
+            "step" if self.stepped_per_batch else "epoch",
+            "scheduler.constants",
+        )
         return self._expression
 
     def forget_compiled(self) -> None:
@@ -105,12 +115,23 @@ class ExpressionLambdaLR(LambdaLR):
     the run's ``epochs`` and ``total_steps`` (its optimizer steps).
     """
 
-    def __init__(self, optimizer: Optimizer, lr_lambda: str, mode: str = "factor",
-                 constants: dict[str, Any] | None = None, steps_per_epoch: int = 1, stepped_per_batch: bool = False,
-                 total_steps: int | None = None, epochs: int | None = None, last_epoch: int = -1):  # fmt: skip
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: str,
+        mode: str = "factor",
+        constants: dict[str, Any] | None = None,
+        steps_per_epoch: int = 1,
+        stepped_per_batch: bool = False,
+        total_steps: int | None = None,
+        epochs: int | None = None,
+        last_epoch: int = -1,
+    ):
         if mode not in LAMBDA_MODES:
-            raise ConfigError(f"scheduler.mode={mode!r}: use factor (the value multiplies optimizer.lr, as torch's "
-                              f"LambdaLR does) or absolute (the value is the lr, as Keras's LearningRateScheduler).")
+            raise ConfigError(
+                f"scheduler.mode={mode!r}: use factor (the value multiplies optimizer.lr, as torch's "
+                f"LambdaLR does) or absolute (the value is the lr, as Keras's LearningRateScheduler)."
+            )
         if epochs is None and total_steps is not None:  # the runner's total_steps counts scheduler steps
             epochs = total_steps // steps_per_epoch if stepped_per_batch else total_steps
         self.mode = mode
@@ -130,7 +151,9 @@ class ExpressionLambdaLR(LambdaLR):
         return super().get_lr()
 
 
-def sequential(optimizer: Optimizer, schedulers: list[Any], milestones: list[int], last_epoch: int = -1) -> SequentialLR:
+def sequential(
+    optimizer: Optimizer, schedulers: list[Any], milestones: list[int], last_epoch: int = -1
+) -> SequentialLR:
     """torch's SequentialLR over configured schedulers: the first until milestones[0], the next until milestones[1]…"""
     if len(schedulers) != len(milestones) + 1:
         raise ConfigError(
@@ -269,7 +292,8 @@ def plan_schedule(
     interval = _setting(node, "interval")
     if interval not in INTERVALS:
         raise ConfigError(
-            f"scheduler.interval={interval!r}: use epoch (step the scheduler once per epoch) or step (after every batch)."
+            f"scheduler.interval={interval!r}: use epoch (step the scheduler once per epoch) or step (after every "
+            f"batch)."
         )
     target = resolve_target("scheduler", node)
     arguments = node_arguments(node, SCHEDULER_SETTINGS)

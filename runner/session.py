@@ -41,9 +41,15 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
 
     def batcher(dataset, shuffle: bool):
         return make_batcher(
-            dataset, trainer.batch_size, ranks.device, trainer.seed, shuffle, trainer.num_workers, ranks.rank,
+            dataset,
+            trainer.batch_size,
+            ranks.device,
+            trainer.seed,
+            shuffle,
+            trainer.num_workers,
+            ranks.rank,
             ranks.world_size,
-        )  # fmt: skip
+        )
 
     return Loop(
         model=built.model,
@@ -114,7 +120,9 @@ class TrainingSession:
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
         if self.progress.epoch >= self.loop.epochs:  # trained to the end, but MLflow was not told everything
-            log.info(f"resuming {self.record.run_dir} from {launch.checkpoint.name}: trained; logging what MLflow lacks")
+            log.info(
+                f"resuming {self.record.run_dir} from {launch.checkpoint.name}: trained; logging what MLflow lacks"
+            )
             return
         log.info(
             f"resuming {self.record.run_dir} from {launch.checkpoint.name}: epoch {self.progress.epoch + 1}/"
@@ -174,8 +182,8 @@ class TrainingSession:
         flag = StopFlag().install()
         stop = AgreedStop(flag, self.ranks) if self.ranks.enabled else flag
         if self.trainer.checkpoint_every_steps:
-            stop = StepCheckpoints(stop, self.trainer.checkpoint_every_steps, self.checkpoint,
-                                   mid_epoch=lambda: 0 < self.progress.batch < len(self.loop.train_batches))  # fmt: skip
+            mid_epoch = lambda: 0 < self.progress.batch < len(self.loop.train_batches)  # noqa: E731
+            stop = StepCheckpoints(stop, self.trainer.checkpoint_every_steps, self.checkpoint, mid_epoch)
         try:
             self.callbacks.on_train_start()
             completed = train(self.loop, self.progress, self.end_epoch, stop)
@@ -205,7 +213,9 @@ class TrainingSession:
             )
         final_val_loss = self.history.epochs[-1]["val_loss"]
         if self.stopped_by is not None:
-            log.info(f"stopped early by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}")
+            log.info(
+                f"stopped early by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}"
+            )
         if self.ranks.is_main:
             self.record.finished, self.record.final_val_loss = True, final_val_loss
             self.record.save()
@@ -231,9 +241,15 @@ class TrainingSession:
         asked = self.callbacks.on_epoch_end(result.epoch, metrics)  # before the checkpoint, which holds their state
         self.stopped_by = self.ranks.share(lambda: asked)  # rank 0's callbacks decide for all
         epoch, trainer = self.progress.epoch, self.trainer
-        due = epoch == self.loop.epochs or self.stopped_by is not None or self.ranks.share(
-            lambda: epoch % trainer.checkpoint_every == 0
-            and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
+        due = (
+            epoch == self.loop.epochs
+            or self.stopped_by is not None
+            or self.ranks.share(
+                lambda: (
+                    epoch % trainer.checkpoint_every == 0
+                    and time.monotonic() - self.last_checkpoint >= trainer.checkpoint_min_seconds
+                )
+            )
         )
         if due:
             self.checkpoint()
@@ -244,7 +260,9 @@ class TrainingSession:
         state = self.state.state_dict()  # every rank: the RNG streams are gathered
         if not self.ranks.is_main:
             return None
-        path = save_checkpoint(self.record.run_dir, {**state, **self.checkpoint_header()}, self.trainer.keep_checkpoints)
+        path = save_checkpoint(
+            self.record.run_dir, {**state, **self.checkpoint_header()}, self.trainer.keep_checkpoints
+        )
         self.last_checkpoint = time.monotonic()
         epochs, self.unlogged = self.unlogged, []
         partial = dict(self.progress.lr_steps)  # a stopped epoch's steps so far; its checkpoint holds them too

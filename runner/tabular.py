@@ -31,7 +31,9 @@ def read_table(path: str, key: str = "data.path"):
             return pd.read_parquet(file)
         return pd.read_csv(file, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise ConfigError(f"{key}={path}: the file is empty; it needs a header row and at least one data row.") from None
+        raise ConfigError(
+            f"{key}={path}: the file is empty; it needs a header row and at least one data row."
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"{key}={path}: cannot be read as a table ({message}).") from None
@@ -54,12 +56,16 @@ def _feature_columns(table, path: str, target: str, features: list[str] | None) 
     import pandas as pd
 
     if target not in table.columns:
-        raise ConfigError(f"data.target={target!r}: {path} has no such column; its columns are {', '.join(map(str, table.columns))}.")
+        raise ConfigError(
+            f"data.target={target!r}: {path} has no such column; its columns are {', '.join(map(str, table.columns))}."
+        )
     columns = list(features) if features else [c for c in table.columns if c != target]
     unknown = [c for c in columns if c not in table.columns]
     if unknown:
-        raise ConfigError(f"data.features: {path} has no column {', '.join(map(repr, unknown))}; its columns are "
-                          f"{', '.join(map(str, table.columns))}.")  # fmt: skip
+        raise ConfigError(
+            f"data.features: {path} has no column {', '.join(map(repr, unknown))}; its columns are "
+            f"{', '.join(map(str, table.columns))}."
+        )
     if not columns:
         raise ConfigError(f"data: {path} has no feature column besides the target {target!r}.")
     text = [c for c in columns if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])]
@@ -71,13 +77,17 @@ def _feature_columns(table, path: str, target: str, features: list[str] | None) 
     return columns
 
 
-def _targets(values, task: str, classes: list[str] | None, path: str, target: str) -> tuple[torch.Tensor, list[str] | None]:
+def _targets(
+    values, task: str, classes: list[str] | None, path: str, target: str
+) -> tuple[torch.Tensor, list[str] | None]:
     if task == "regression":
         try:
             return torch.tensor(values.astype("float32").to_numpy()).unsqueeze(1), None
         except (TypeError, ValueError):
-            raise ConfigError(f"data.target={target!r}: {path} has non-numeric values there; a regression needs "
-                              f"numbers (or set data.task=classification).") from None  # fmt: skip
+            raise ConfigError(
+                f"data.target={target!r}: {path} has non-numeric values there; a regression needs "
+                f"numbers (or set data.task=classification)."
+            ) from None
     names = [str(v) for v in values.to_numpy()]
     if classes is None:
         classes = _sorted_labels(set(names))

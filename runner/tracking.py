@@ -213,9 +213,11 @@ class Tracker:
         if "'" in run_dir:  # not expressible in MLflow's filter language; such a directory adopts nothing
             return None
         runs = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.run_dir = '{run_dir}' and attributes.status = 'RUNNING'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )  # fmt: skip
+            [experiment_id],
+            filter_string=f"tags.run_dir = '{run_dir}' and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
 
     def _reattach(self, run_id: str) -> bool:

@@ -134,13 +134,21 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
     loop.model.train()
     device = next(loop.model.parameters()).device
     progress.start_epoch(device, current_lrs(loop.optimizer))
-    bar = tqdm(total=len(loop.train_batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{loop.epochs}",
-               leave=False, dynamic_ncols=True, disable=None if loop.progress_bar else True)  # None: only on a terminal
+    bar = tqdm(
+        total=len(loop.train_batches),
+        initial=progress.batch,
+        desc=f"epoch {progress.epoch + 1}/{loop.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if loop.progress_bar else True,
+    )  # None: only on a terminal
     next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
     with bar:
         for inputs, targets in loop.train_batches.epoch(progress.epoch, skip_batches=progress.batch):
             if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
-                progress.lr_steps[progress.global_step] = float(loop.optimizer.param_groups[0]["lr"])  # a Python float: no sync
+                progress.lr_steps[progress.global_step] = float(
+                    loop.optimizer.param_groups[0]["lr"]
+                )  # a Python float: no sync
             loop.optimizer.zero_grad(set_to_none=True)
             loss = loop.loss(loop.outputs(inputs, training=True), targets)
             if loop.scaler is None:
@@ -158,7 +166,9 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
             progress.global_step += 1
             bar.update()
             if not bar.disable and time.monotonic() >= next_refresh:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{loop.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", lr=f"{loop.optimizer.param_groups[0]['lr']:.3g}", refresh=False
+                )
                 next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
             if should_stop(progress.global_step) and progress.batch < len(loop.train_batches):
                 return False

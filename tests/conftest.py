@@ -28,8 +28,11 @@ register_schemas()
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; still runs in CI")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
-    config.addinivalue_line("markers", "slurm: runs jobs on a real single-node SLURM (tests/slurm/cluster.sh); skipped when not root "
-                            "or without the slurmctld, slurmd, slurm-client and munge packages")
+    config.addinivalue_line(
+        "markers",
+        "slurm: runs jobs on a real single-node SLURM (tests/slurm/cluster.sh); skipped when not root "
+        "or without the slurmctld, slurmd, slurm-client and munge packages",
+    )
 
 
 CLUSTER_SCRIPT = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -105,7 +108,9 @@ def make_config(tracking_uri, experiment):
     return make
 
 
-def run_runner(*args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_runner(
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python -m runner args…`` as a user would start it, in ``cwd``."""
     full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
@@ -166,7 +171,11 @@ def assert_logged_once_as(uri: str, reference: dict, epochs: int, steps_per_epoc
     for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == list(range(epochs)), key
-        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h[key] for h in reference["history"]["epochs"]], key
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+            h[key] for h in reference["history"]["epochs"]
+        ], key
     lr_steps = {m.step: m.value for m in client.get_metric_history(run_id, "lr_step")}
     assert len(client.get_metric_history(run_id, "lr_step")) == len(lr_steps), "each lr_step once"
-    assert lr_steps == reference["history"]["lr_steps"] and sorted(lr_steps) == list(range(0, epochs * steps_per_epoch, 5))
+    assert lr_steps == reference["history"]["lr_steps"] and sorted(lr_steps) == list(
+        range(0, epochs * steps_per_epoch, 5)
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import CONF
+
 from runner.build import build_everything
 from runner.errors import ConfigError
 from runner.schedules import RESERVED
@@ -13,8 +13,14 @@ from runner.targets import check_arguments
 
 CPU = torch.device("cpu")
 COMBINATIONS = [
-    ("mlp", "digits"), ("cnn", "digits"), ("resnet18", "digits"), ("linear", "regression"),
-    ("mlp", "regression"), ("cnn", "fake"), ("resnet18", "fake"), ("mlp", "fake"),
+    ("mlp", "digits"),
+    ("cnn", "digits"),
+    ("resnet18", "digits"),
+    ("linear", "regression"),
+    ("mlp", "regression"),
+    ("cnn", "fake"),
+    ("resnet18", "fake"),
+    ("mlp", "fake"),
 ]
 
 
@@ -69,7 +75,10 @@ def test_unimportable_target_is_a_clear_error(make_config):
 
 
 def test_torch_refusing_an_argument_is_one_line(make_config):
-    with pytest.raises(ConfigError, match=r"optimizer: torch.optim.adam.Adam refused its arguments: Invalid beta parameter at index 0: 1.5"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optimizer: torch.optim.adam.Adam refused its arguments: Invalid beta parameter at index 0: 1.5",
+    ):
         build_everything(make_config("optimizer=adam", "optimizer.betas=[1.5,0.9]"), CPU)
 
 
@@ -77,14 +86,37 @@ def test_torch_refusing_an_argument_is_one_line(make_config):
     ("overrides", "message"),
     [
         (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval='batch': use epoch"),
-        (["scheduler=plateau", "scheduler.monitor=val_acc"], "scheduler.monitor='val_acc': ReduceLROnPlateau can watch train_loss, val_loss, val_accuracy."),
-        (["scheduler=plateau", "scheduler.monitor=val_accuracy"], "scheduler.monitor=val_accuracy with scheduler.mode=min: the LR would be cut while val_accuracy improves; set scheduler.mode=max."),
-        (["scheduler=plateau", "+scheduler.interval=step"], "ReduceLROnPlateau steps on a validation metric, once per epoch"),
+        (
+            ["scheduler=plateau", "scheduler.monitor=val_acc"],
+            "scheduler.monitor='val_acc': ReduceLROnPlateau can watch train_loss, val_loss, val_accuracy.",
+        ),
+        (
+            ["scheduler=plateau", "scheduler.monitor=val_accuracy"],
+            "scheduler.monitor=val_accuracy with scheduler.mode=min: the LR would be cut while val_accuracy improves; set scheduler.mode=max.",
+        ),
+        (
+            ["scheduler=plateau", "+scheduler.interval=step"],
+            "ReduceLROnPlateau steps on a validation metric, once per epoch",
+        ),
         (["scheduler=cosine", "+scheduler.monitor=val_loss"], "scheduler.monitor is for ReduceLROnPlateau"),
-        (["scheduler=plateau", "scheduler.factor=1.5"], "scheduler.factor=1.5: ReduceLROnPlateau factor must be between 0 and 1."),
-        (["scheduler=cosine", "scheduler.warmup=5", "trainer.epochs=5"], "scheduler.warmup=5: the warm-up must be at least 1 step and shorter than the run (5 scheduler steps)."),
+        (
+            ["scheduler=plateau", "scheduler.factor=1.5"],
+            "scheduler.factor=1.5: ReduceLROnPlateau factor must be between 0 and 1.",
+        ),
+        (
+            ["scheduler=cosine", "scheduler.warmup=5", "trainer.epochs=5"],
+            "scheduler.warmup=5: the warm-up must be at least 1 step and shorter than the run (5 scheduler steps).",
+        ),
         (["scheduler=onecycle", "+scheduler.total_steps=10"], "total_steps is set by the runner"),
-        (["scheduler=lambda", "scheduler.interval=step", "scheduler.lr_lambda='1 / (100 - step)'", "trainer.epochs=3"], "fails at epoch=2, step=100"),
+        (
+            [
+                "scheduler=lambda",
+                "scheduler.interval=step",
+                "scheduler.lr_lambda='1 / (100 - step)'",
+                "trainer.epochs=3",
+            ],
+            "fails at epoch=2, step=100",
+        ),
     ],
 )
 def test_schedule_settings_are_refused_before_training(make_config, overrides, message):

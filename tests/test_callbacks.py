@@ -6,7 +6,6 @@ import json
 import textwrap
 
 import pytest
-
 from conftest import assert_same_result, mlflow_runs
 from test_resume import final_bundle, launch, run_dirs
 
@@ -101,7 +100,8 @@ def test_a_callback_that_raises_shows_its_own_frames_and_names_the_hook(tmp_path
 
 
 def test_a_users_loss_that_raises_during_training_shows_its_frames(tmp_path):
-    (tmp_path / "bad_loss.py").write_text(textwrap.dedent('''
+    (tmp_path / "bad_loss.py").write_text(
+        textwrap.dedent("""
         import torch
 
         calls = 0
@@ -112,7 +112,8 @@ def test_a_users_loss_that_raises_during_training_shows_its_frames(tmp_path):
             if calls > 3:  # after the start-up check
                 raise ValueError("my loss broke")
             return torch.nn.functional.cross_entropy(outputs, targets)
-    '''))
+    """)
+    )
     result = launch(tmp_path, "loss._target_=bad_loss.loss")
     assert result.returncode == 1
     assert "error: the loss (function) raised ValueError: my loss broke" in result.stderr

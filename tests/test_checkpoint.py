@@ -19,8 +19,15 @@ BASE = ["trainer.epochs=3", "trainer.device=cpu", "trainer.progress_bar=false", 
 
 def launch(cwd: Path, *overrides: str, stop_at: int | None = None, run_dir: Path | str = "run"):
     env = {FAULT_AT_STEP_ENV: f"SIGTERM:{stop_at}"} if stop_at else {}
-    return run_runner(*BASE, *overrides, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"hydra.run.dir={run_dir}",
-                      cwd=cwd, env=env, timeout=180)  # fmt: skip
+    return run_runner(
+        *BASE,
+        *overrides,
+        f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=cwd,
+        env=env,
+        timeout=180,
+    )
 
 
 @pytest.fixture
@@ -98,8 +105,13 @@ def test_pruning_keeps_the_newest_k_of_this_run_and_counts_no_unreadable_or_fore
 
     written = save_checkpoint(tmp_path, _bundle(5), keep=2)
     names = [p.name for p in list_checkpoints(tmp_path)]
-    assert names == ["epoch-0003-step-00000030.pt", "epoch-0003-step-00000031.pt", "epoch-0004-step-00000040.pt",
-                     written.name, "epoch-0009-step-00000090.pt"]  # fmt: skip
+    assert names == [
+        "epoch-0003-step-00000030.pt",
+        "epoch-0003-step-00000031.pt",
+        "epoch-0004-step-00000040.pt",
+        written.name,
+        "epoch-0009-step-00000090.pt",
+    ]
     prune_checkpoints(tmp_path, written, keep=1, fingerprint="f")
     assert written.exists() and not (folder / "epoch-0003-step-00000030.pt").exists()
 

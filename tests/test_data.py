@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from runner.data import DeviceBatcher, LoaderBatcher, epoch_permutation, load_digits, load_fake, load_mnist, load_regression
+from runner.data import (
+    DeviceBatcher,
+    LoaderBatcher,
+    epoch_permutation,
+    load_digits,
+    load_fake,
+    load_mnist,
+    load_regression,
+)
 from runner.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -71,7 +79,9 @@ def test_device_batcher_and_dataloader_give_the_same_batches(dataset):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("make", [lambda d: DeviceBatcher(d, 8, CPU, 0, True), lambda d: LoaderBatcher(d, 8, CPU, 0, True, 0)])
+@pytest.mark.parametrize(
+    "make", [lambda d: DeviceBatcher(d, 8, CPU, 0, True), lambda d: LoaderBatcher(d, 8, CPU, 0, True, 0)]
+)
 def test_an_epoch_can_start_part_way_through(dataset, make):
     batcher = make(dataset)
     whole = batches_of(batcher, 2)

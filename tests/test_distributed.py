@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
 from torch.utils.data import DistributedSampler
 
-from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
 from runner.checkpoint import list_checkpoints
 from runner.data import DeviceBatcher, shard
 from runner.signals import FAULT_AT_STEP_ENV
@@ -25,20 +25,45 @@ from runner.signals import FAULT_AT_STEP_ENV
 pytestmark = pytest.mark.slow  # real torchrun launches
 
 EPOCHS = 4  # digits: 1438 training samples, 45 global batches of 32 (16 per rank) per epoch
-BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
-        "optimizer=adam", "optimizer.lr=0.01", "scheduler=cosine", "tracking.log_every_n_steps=5",
-        "trainer.checkpoint_min_seconds=0", "metrics=[accuracy,f1]"]  # torchmetrics, summed over the ranks
+BASE = [
+    f"trainer.epochs={EPOCHS}",
+    "trainer.deterministic=true",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+    "scheduler=cosine",
+    "tracking.log_every_n_steps=5",
+    "trainer.checkpoint_min_seconds=0",
+    "metrics=[accuracy,f1]",
+]  # torchmetrics, summed over the ranks
 
 
-def torchrun(cwd: Path, *overrides: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), fault: str | None = None,
-             timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(
+    cwd: Path,
+    *overrides: str,
+    nproc: int = 2,
+    torchrun_args: tuple[str, ...] = (),
+    fault: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=N -m runner overrides…`` in ``cwd``, tracked in its own SQLite store."""
     env = {key: value for key, value in os.environ.items() if key not in ("HYDRA_FULL_ERROR", FAULT_AT_STEP_ENV)}
     env["PYTHONUNBUFFERED"] = "1"
     if fault:
         env[FAULT_AT_STEP_ENV] = fault
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args,
-               "-m", "runner", *overrides, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *torchrun_args,
+        "-m",
+        "runner",
+        *overrides,
+        f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}",
+    ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -116,9 +141,13 @@ def test_a_stop_signal_on_one_rank_checkpoints_once_and_the_same_command_resumes
 
 @pytest.mark.slow
 def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint_after_a_kill_9(tmp_path, uninterrupted):
-    result = torchrun(tmp_path, *BASE, "trainer.strategy=ddp", torchrun_args=("--max-restarts=1",), fault="SIGKILL:100:1")
+    result = torchrun(
+        tmp_path, *BASE, "trainer.strategy=ddp", torchrun_args=("--max-restarts=1",), fault="SIGKILL:100:1"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "exitcode: -9" in result.stderr or "Signal 9" in result.stderr  # torchrun saw rank 1 die, then restarted both
+    assert (
+        "exitcode: -9" in result.stderr or "Signal 9" in result.stderr
+    )  # torchrun saw rank 1 die, then restarted both
     (resumed,) = runner_lines(result.stderr, "resuming")
     assert f"from epoch-0002-step-00000090.pt: epoch 3/{EPOCHS}, batch 0 of 45" in resumed
     (run_dir,) = run_dirs(tmp_path)
@@ -129,8 +158,18 @@ def test_torchrun_max_restarts_resumes_from_the_newest_checkpoint_after_a_kill_9
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_one_checkpoint(tmp_path):
     """What a cluster does at the time limit: signal torchrun, which passes SIGTERM to its workers."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "runner",
-               *BASE, "trainer.epochs=60", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "runner",
+        *BASE,
+        "trainer.epochs=60",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) as process:
         for line in process.stderr:
@@ -151,16 +190,25 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
     result = run_runner("trainer.strategy=ddp", "trainer.device=cpu", cwd=tmp_path)
     assert result.returncode == 2
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert "trainer.strategy=ddp needs the processes torchrun starts; launch with `torchrun --nproc_per_node=N -m runner" in error
+    assert (
+        "trainer.strategy=ddp needs the processes torchrun starts; launch with `torchrun --nproc_per_node=N -m runner"
+        in error
+    )
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["trainer.backend=nccl", "trainer.device=auto"], "trainer.backend=nccl needs CUDA"),
-    (["trainer.batch_size=33"], "trainer.batch_size=33 is the global batch and must split evenly over the 2 processes"),
-    (["trainer.strategy=single"], "trainer.strategy=single, but torchrun started 2 processes"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.backend=nccl", "trainer.device=auto"], "trainer.backend=nccl needs CUDA"),
+        (
+            ["trainer.batch_size=33"],
+            "trainer.batch_size=33 is the global batch and must split evenly over the 2 processes",
+        ),
+        (["trainer.strategy=single"], "trainer.strategy=single, but torchrun started 2 processes"),
+    ],
+)
 def test_bad_ddp_settings_under_torchrun_are_one_line_from_rank_0(tmp_path, overrides, message):
     if "nccl" in message and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -168,7 +216,9 @@ def test_bad_ddp_settings_under_torchrun_are_one_line_from_rank_0(tmp_path, over
     assert result.returncode != 0
     errors = runner_lines(result.stderr, "[ERROR] - error:")
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
-    assert "runner/" not in result.stderr.split("ChildFailedError")[0].split("[ERROR]")[-1]  # no traceback from the runner
+    assert (
+        "runner/" not in result.stderr.split("ChildFailedError")[0].split("[ERROR]")[-1]
+    )  # no traceback from the runner
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
@@ -201,9 +251,17 @@ def test_rank_batches_together_are_the_epoch_and_each_validation_sample_counts_o
 @pytest.mark.slow
 def test_a_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, uninterrupted):
     """hydra/launcher=slurm with one task per GPU, through submitit's local executor: each task becomes a rank."""
-    result = run_runner("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *BASE, "trainer.strategy=ddp",
-                        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
-                        env={"OMP_NUM_THREADS": None})  # unset: the runner gives each task one thread, as torchrun does
+    result = run_runner(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        *BASE,
+        "trainer.strategy=ddp",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": None},
+    )  # unset: the runner gives each task one thread, as torchrun does
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "sweep" / "0" / "runner.log").read_text()
     assert "DDP over 2 processes, gloo; 16 samples per process per step, 32 in all" in log

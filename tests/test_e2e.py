@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import CONF, metric_series, mlflow_runs, run_runner
 
 pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
@@ -35,8 +34,14 @@ def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_direc
 def test_every_optimizer_with_every_scheduler_trains_in_one_sweep(tmp_path):
     """Every preset as shipped (warmup_cosine's 5-epoch warm-up needs a run longer than 5 epochs)."""
     result = run_runner(
-        "-m", f"optimizer={','.join(OPTIMIZERS)}", f"scheduler={','.join(SCHEDULERS)}",
-        "trainer.epochs=6", "trainer.device=cpu", *QUIET, *tracked(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "-m",
+        f"optimizer={','.join(OPTIMIZERS)}",
+        f"scheduler={','.join(SCHEDULERS)}",
+        "trainer.epochs=6",
+        "trainer.device=cpu",
+        *QUIET,
+        *tracked(tmp_path),
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,23 +61,50 @@ def test_every_optimizer_with_every_scheduler_trains_in_one_sweep(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["optimizer=asgd", "+optimizer.mu=0.9"], "optimizer (torch.optim.asgd.ASGD): unknown argument mu. Valid arguments: lr, lambd, alpha, t0, weight_decay"),
-        (["scheduler=constant", "+scheduler.lr=0.01"], "scheduler (torch.optim.lr_scheduler.ConstantLR): unknown argument lr. Valid arguments: factor, total_iters."),
+        (
+            ["optimizer=asgd", "+optimizer.mu=0.9"],
+            "optimizer (torch.optim.asgd.ASGD): unknown argument mu. Valid arguments: lr, lambd, alpha, t0, weight_decay",
+        ),
+        (
+            ["scheduler=constant", "+scheduler.lr=0.01"],
+            "scheduler (torch.optim.lr_scheduler.ConstantLR): unknown argument lr. Valid arguments: factor, total_iters.",
+        ),
         (["optimizer.lr=0"], "optimizer.lr must be a number above 0, got 0."),
         (["optimizer.lr=-0.1"], "optimizer.lr must be a number above 0"),
         (["trainer.epochs=0"], "trainer.epochs must be at least 1, got 0."),
         (["trainer.batch_size=0"], "trainer.batch_size must be at least 1, got 0."),
         (["trainer.device=gpu"], "trainer.device='gpu' is not a device; use auto, cpu, cuda, cuda:N or mps."),
         (["scheduler=constant", "scheduler.factor=0"], "scheduler.factor=0: ConstantLR factor must be above 0."),
-        (["scheduler=linear", "scheduler.start_factor=0"], "scheduler.start_factor=0: LinearLR start_factor must be above 0."),
-        (["scheduler=linear", "scheduler.total_iters=0"], "scheduler.total_iters=0: LinearLR total_iters must be at least 1."),
+        (
+            ["scheduler=linear", "scheduler.start_factor=0"],
+            "scheduler.start_factor=0: LinearLR start_factor must be above 0.",
+        ),
+        (
+            ["scheduler=linear", "scheduler.total_iters=0"],
+            "scheduler.total_iters=0: LinearLR total_iters must be at least 1.",
+        ),
         (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0: StepLR step_size must be at least 1."),
-        (["scheduler=lambda", "scheduler.lr_lambda='epoch.real'"], "scheduler.lr_lambda: attribute access `epoch.real` is not allowed in 'epoch.real'; allowed:"),
-        (["scheduler=lambda", "scheduler.lr_lambda='1 / (1 - epoch)'"], "scheduler.lr_lambda: '1 / (1 - epoch)' fails at epoch=1, step=45: division by zero."),
-        (["scheduler=lambda", "scheduler.lr_lambda='1 / (57 - epoch)'", "trainer.epochs=100"], "fails at epoch=57, step=2565: division by zero."),
-        (["scheduler=lambda", "scheduler.interval=step", "scheduler.lr_lambda='0.5 - step / 100'"], "the schedule gives lr=-0.001 at epoch 1 (step 51)"),
+        (
+            ["scheduler=lambda", "scheduler.lr_lambda='epoch.real'"],
+            "scheduler.lr_lambda: attribute access `epoch.real` is not allowed in 'epoch.real'; allowed:",
+        ),
+        (
+            ["scheduler=lambda", "scheduler.lr_lambda='1 / (1 - epoch)'"],
+            "scheduler.lr_lambda: '1 / (1 - epoch)' fails at epoch=1, step=45: division by zero.",
+        ),
+        (
+            ["scheduler=lambda", "scheduler.lr_lambda='1 / (57 - epoch)'", "trainer.epochs=100"],
+            "fails at epoch=57, step=2565: division by zero.",
+        ),
+        (
+            ["scheduler=lambda", "scheduler.interval=step", "scheduler.lr_lambda='0.5 - step / 100'"],
+            "the schedule gives lr=-0.001 at epoch 1 (step 51)",
+        ),
         (["scheduler=plateau", "scheduler.monitor=val_accuracy"], "set scheduler.mode=max."),
-        (["data=mnist", "data.root=nowhere"], "nowhere; put them there, point data.root at them, or add data.download=true to download them."),
+        (
+            ["data=mnist", "data.root=nowhere"],
+            "nowhere; put them there, point data.root at them, or add data.download=true to download them.",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_training(tmp_path, overrides, expected):
@@ -112,7 +144,9 @@ def test_cfg_job_prints_the_config_without_importing_torch_or_mlflow(tmp_path):
     result = run_runner("--cfg", "job", "scheduler=linear", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stderr
     assert "_target_: torch.optim.lr_scheduler.LinearLR" in result.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "hydra" in imported  # the import-time listing really was read
     assert not {"torch", "mlflow", "torchvision", "sklearn"} & imported
 
@@ -120,7 +154,12 @@ def test_cfg_job_prints_the_config_without_importing_torch_or_mlflow(tmp_path):
 def test_help_lists_the_config_groups(tmp_path):
     result = run_runner("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for group, options in {"optimizer": "adam, adamw, asgd, sgd", "scheduler": "chained, constant, cosine, cosine_restarts, exponential, lambda, linear, multistep, onecycle, plateau, sequential, step, warmup_cosine", "model": "cnn, linear, mlp, resnet18", "data": "cifar10, digits, fake, fashion_mnist, mnist, regression"}.items():
+    for group, options in {
+        "optimizer": "adam, adamw, asgd, sgd",
+        "scheduler": "chained, constant, cosine, cosine_restarts, exponential, lambda, linear, multistep, onecycle, plateau, sequential, step, warmup_cosine",
+        "model": "cnn, linear, mlp, resnet18",
+        "data": "cifar10, digits, fake, fashion_mnist, mnist, regression",
+    }.items():
         assert f"{group}: {options}" in result.stdout, result.stdout
 
 
@@ -129,7 +168,13 @@ def test_users_own_config_dir_adds_an_option(tmp_path):
     own.mkdir(parents=True)
     (own / "halving.yaml").write_text("_target_: torch.optim.lr_scheduler.StepLR\nstep_size: 1\ngamma: 0.5\n")
     result = run_runner(
-        "--config-dir", str(tmp_path / "my_conf"), "scheduler=halving", "trainer.epochs=3", *QUIET, *tracked(tmp_path), cwd=tmp_path
+        "--config-dir",
+        str(tmp_path / "my_conf"),
+        "scheduler=halving",
+        "trainer.epochs=3",
+        *QUIET,
+        *tracked(tmp_path),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "e2e")
@@ -143,15 +188,32 @@ def test_users_own_model_class(tmp_path):
         "    def __init__(self, width: int = 8):\n"  # takes neither input_shape nor num_outputs
         "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))\n"
     )
-    result = run_runner("model._target_=my_models.Tiny", "~model.hidden_sizes", "~model.dropout", "+model.width=16", *QUIET, *tracked(tmp_path),
-                        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    result = run_runner(
+        "model._target_=my_models.Tiny",
+        "~model.hidden_sizes",
+        "~model.dropout",
+        "+model.width=16",
+        *QUIET,
+        *tracked(tmp_path),
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])  # joblib: the bad job fails in another process
 def test_a_sweep_reports_a_bad_job_in_one_line_runs_the_others_and_exits_2(tmp_path, launcher):
-    result = run_runner("-m", f"hydra/launcher={launcher}", "scheduler=step", "scheduler.step_size=0,2", "trainer.epochs=2", *QUIET, *tracked(tmp_path),
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = run_runner(
+        "-m",
+        f"hydra/launcher={launcher}",
+        "scheduler=step",
+        "scheduler.step_size=0,2",
+        "trainer.epochs=2",
+        *QUIET,
+        *tracked(tmp_path),
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "scheduler.step_size=0: StepLR step_size must be at least 1." in result.stderr

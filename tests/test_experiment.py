@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchmetrics.functional as TMF
-
 from conftest import metric_series, mlflow_runs
+
 from runner.build import build_everything
 from runner.errors import ConfigError
 from runner.run import RunContext, run
@@ -34,10 +34,18 @@ def write_table(path, rows: int = 120, seed: int = 0, species: bool = True):
 
 
 @pytest.mark.slow
-def test_a_csv_with_class_names_trains_a_classification_and_keeps_the_names(make_config, tracking_uri, experiment, tmp_path):
+def test_a_csv_with_class_names_trains_a_classification_and_keeps_the_names(
+    make_config, tracking_uri, experiment, tmp_path
+):
     table = write_table(tmp_path / "iris.csv")
-    cfg = make_config("data=csv", f"data.path={table}", "data.target=species", "data.features=[sepal_length,sepal_width,petal_length,petal_width]",
-                      "trainer.epochs=15", "metrics=[accuracy,f1]")
+    cfg = make_config(
+        "data=csv",
+        f"data.path={table}",
+        "data.target=species",
+        "data.features=[sepal_length,sepal_width,petal_length,petal_width]",
+        "trainer.epochs=15",
+        "metrics=[accuracy,f1]",
+    )
     built = build_everything(cfg, CPU)
     assert built.data.task == "classification" and built.data.classes == ["setosa", "versicolor", "virginica"]
     assert built.data.input_shape == (4,) and built.model(torch.zeros(2, 4)).shape == (2, 3)
@@ -58,13 +66,23 @@ def test_a_csv_with_class_names_trains_a_classification_and_keeps_the_names(make
 @pytest.mark.slow
 def test_a_csv_with_a_float_target_is_a_regression_with_its_metrics(make_config, tracking_uri, experiment, tmp_path):
     table = write_table(tmp_path / "iris.csv", species=False)
-    cfg = make_config("data=csv", f"data.path={table}", "data.target=weight", "model=linear", "trainer.epochs=30",
-                      "metrics=[mae,rmse,r2]", "trainer.batch_size=16")
+    cfg = make_config(
+        "data=csv",
+        f"data.path={table}",
+        "data.target=weight",
+        "model=linear",
+        "trainer.epochs=30",
+        "metrics=[mae,rmse,r2]",
+        "trainer.batch_size=16",
+    )
     run(cfg, RunContext(tmp_path / "run"))
     client, (logged,) = mlflow_runs(tracking_uri, experiment)
     assert "val_accuracy" not in logged.data.metrics
     assert metric_series(client, logged.info.run_id, "val_r2")[-1] > 0.9
-    rmse, mse = metric_series(client, logged.info.run_id, "val_rmse")[-1], metric_series(client, logged.info.run_id, "val_loss")[-1]
+    rmse, mse = (
+        metric_series(client, logged.info.run_id, "val_rmse")[-1],
+        metric_series(client, logged.info.run_id, "val_loss")[-1],
+    )
     assert rmse == pytest.approx(math.sqrt(mse), rel=1e-4)  # the loss is MSE: two routes to one number
 
 
@@ -72,15 +90,24 @@ def test_integer_labels_are_classes_and_data_task_decides_otherwise(make_config,
     table = write_table(tmp_path / "iris.csv", species=False)
     built = build_everything(make_config("data=csv", f"data.path={table}", "data.target=species"), CPU)
     assert built.data.task == "classification" and built.data.classes == ["0", "1", "2"]
-    built = build_everything(make_config("data=csv", f"data.path={table}", "data.target=species", "data.task=regression",
-                                         "model=linear"), CPU)
+    built = build_everything(
+        make_config("data=csv", f"data.path={table}", "data.target=species", "data.task=regression", "model=linear"),
+        CPU,
+    )
     assert built.data.task == "regression" and built.data.train.tensors[1].dtype == torch.float32
 
 
 def test_a_validation_file_is_used_as_given(make_config, tmp_path):
     train, val = write_table(tmp_path / "train.csv", rows=90), write_table(tmp_path / "val.csv", rows=30, seed=1)
-    built = build_everything(make_config("data=csv", f"data.path={train}", f"data.val_path={val}", "data.target=species",
-                                         ), CPU)  # fmt: skip
+    built = build_everything(
+        make_config(
+            "data=csv",
+            f"data.path={train}",
+            f"data.val_path={val}",
+            "data.target=species",
+        ),
+        CPU,
+    )
     assert len(built.data.train) == 90 and len(built.data.val) == 30
 
 
@@ -88,9 +115,21 @@ def test_a_validation_file_is_used_as_given(make_config, tmp_path):
     ("content", "overrides", "message"),
     [
         ("a,b\n1,2\n", ["data.target=label"], "data.target='label': {path} has no such column; its columns are a, b."),
-        ("a,b,label\n1,x,0\n2,y,1\n", ["data.target=label"], "data: feature column 'b' of {path} is not numeric; encode it as numbers, or leave it out by listing the features to use: data.features=[a]."),
-        ("", ["data.target=label"], "data.path={path}: the file is empty; it needs a header row and at least one data row."),
-        ("a,b,label\n1,2,0\n3,,1\n", ["data.target=label"], "data: {path} has an empty or NaN cell in column 'b', data row 2 (line 3 of the file); fill it or drop that row."),
+        (
+            "a,b,label\n1,x,0\n2,y,1\n",
+            ["data.target=label"],
+            "data: feature column 'b' of {path} is not numeric; encode it as numbers, or leave it out by listing the features to use: data.features=[a].",
+        ),
+        (
+            "",
+            ["data.target=label"],
+            "data.path={path}: the file is empty; it needs a header row and at least one data row.",
+        ),
+        (
+            "a,b,label\n1,2,0\n3,,1\n",
+            ["data.target=label"],
+            "data: {path} has an empty or NaN cell in column 'b', data row 2 (line 3 of the file); fill it or drop that row.",
+        ),
         ("a,b,label\n1,2,0\n3,nan,1\n", ["data.target=label"], "in column 'b', data row 2 (line 3 of the file)"),
         ("a,label\n1,0\n", ["data.target=label", "data.features=[a,c]"], "data.features: {path} has no column 'c'"),
     ],
@@ -117,11 +156,19 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=6, size=12):
 
 
 @pytest.mark.slow
-def test_an_image_folder_trains_with_augmentation_on_the_training_split_only(make_config, tracking_uri, experiment, tmp_path):
+def test_an_image_folder_trains_with_augmentation_on_the_training_split_only(
+    make_config, tracking_uri, experiment, tmp_path
+):
     root = make_image_folder(tmp_path / "images")
-    cfg = make_config("data=image_folder", f"data.root={root}", "data.image_size=8", "model=cnn", "trainer.batch_size=4",
-                      "data.val_fraction=0.25",
-                      "data.augment=[{_target_: torchvision.transforms.v2.RandomHorizontalFlip, p: 1.0}]")
+    cfg = make_config(
+        "data=image_folder",
+        f"data.root={root}",
+        "data.image_size=8",
+        "model=cnn",
+        "trainer.batch_size=4",
+        "data.val_fraction=0.25",
+        "data.augment=[{_target_: torchvision.transforms.v2.RandomHorizontalFlip, p: 1.0}]",
+    )
     built = build_everything(cfg, CPU)
     assert built.data.classes == ["cat", "dog"] and built.data.input_shape == (3, 8, 8)
     assert len(built.data.train) == 9 and len(built.data.val) == 3
@@ -135,16 +182,22 @@ def test_an_image_folder_trains_with_augmentation_on_the_training_split_only(mak
 def test_an_image_folder_with_train_and_val_folders_uses_them(make_config, tmp_path):
     make_image_folder(tmp_path / "images" / "train", per_class=4)
     make_image_folder(tmp_path / "images" / "val", per_class=2)
-    built = build_everything(make_config("data=image_folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
-                                         "model=cnn"), CPU)  # fmt: skip
+    built = build_everything(
+        make_config("data=image_folder", f"data.root={tmp_path / 'images'}", "data.image_size=8", "model=cnn"), CPU
+    )
     assert len(built.data.train) == 8 and len(built.data.val) == 4
 
 
-@pytest.mark.parametrize(("classes", "per_class", "message"), [
-    (("cat",), 2, "only one class folder ('cat'); a classification needs at least two"),
-    ((), 0, "no images found"),
-])
-def test_an_image_folder_without_images_or_with_one_class_is_one_line(make_config, tmp_path, classes, per_class, message):
+@pytest.mark.parametrize(
+    ("classes", "per_class", "message"),
+    [
+        (("cat",), 2, "only one class folder ('cat'); a classification needs at least two"),
+        ((), 0, "no images found"),
+    ],
+)
+def test_an_image_folder_without_images_or_with_one_class_is_one_line(
+    make_config, tmp_path, classes, per_class, message
+):
     root = make_image_folder(tmp_path / "images", classes, per_class)
     if not classes:
         (root / "empty").mkdir(parents=True)  # a class folder without images
@@ -181,7 +234,8 @@ def test_cross_entropy_takes_class_weights_as_a_list(make_config):
 
 @pytest.mark.slow
 def test_bce_with_logits_trains_a_multi_label_data_function(make_config, tmp_path, monkeypatch):
-    (tmp_path / "labels.py").write_text(textwrap.dedent('''
+    (tmp_path / "labels.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch.utils.data import TensorDataset
 
@@ -190,10 +244,12 @@ def test_bce_with_logits_trains_a_multi_label_data_function(make_config, tmp_pat
             x = torch.randn(200, 6, generator=g)
             y = torch.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0, x[:, 3] < -0.5], dim=1).float()
             return TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = make_config("data=custom", "data._target_=labels.load", "+data.task=regression", "loss=bce_with_logits",
-                      "trainer.epochs=3")
+    cfg = make_config(
+        "data=custom", "data._target_=labels.load", "+data.task=regression", "loss=bce_with_logits", "trainer.epochs=3"
+    )
     built = build_everything(cfg, CPU)
     assert built.data.num_outputs == 3 and type(built.loss) is torch.nn.BCEWithLogitsLoss
     assert math.isfinite(run(cfg, RunContext(tmp_path / "run")))
@@ -203,13 +259,17 @@ def test_outputs_that_do_not_fit_the_loss_are_refused_naming_both_shapes(make_co
     with pytest.raises(ConfigError) as caught:
         build_everything(make_config("loss=mse"), CPU)  # 10 class scores against class labels
     message = str(caught.value)
-    assert "loss (torch.nn.modules.loss.MSELoss) does not fit the model's outputs of shape (8, 10) and targets of shape (8,)" in message
+    assert (
+        "loss (torch.nn.modules.loss.MSELoss) does not fit the model's outputs of shape (8, 10) and targets of shape (8,)"
+        in message
+    )
     assert "\n" not in message
 
 
 @pytest.mark.slow
 def test_a_users_loss_function_and_module_train(make_config, tmp_path, monkeypatch):
-    (tmp_path / "my_losses.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_losses.py").write_text(
+        textwrap.dedent("""
         import torch
 
         def smooth_l1(outputs, targets):
@@ -222,13 +282,16 @@ def test_a_users_loss_function_and_module_train(make_config, tmp_path, monkeypat
 
             def forward(self, outputs, targets):
                 return self.scale * torch.nn.functional.cross_entropy(outputs, targets)
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     built = build_everything(make_config("data=regression", "model=linear", "loss._target_=my_losses.smooth_l1"), CPU)
     assert built.loss.__name__ == "smooth_l1"
     built = build_everything(make_config("loss._target_=my_losses.Scaled", "+loss.scale=2.0"), CPU)
     assert built.loss.scale == 2.0
-    assert math.isfinite(run(make_config("loss._target_=my_losses.Scaled", "+loss.scale=2.0"), RunContext(tmp_path / "r")))
+    assert math.isfinite(
+        run(make_config("loss._target_=my_losses.Scaled", "+loss.scale=2.0"), RunContext(tmp_path / "r"))
+    )
 
 
 NAMED = {
@@ -254,8 +317,8 @@ def test_every_named_metric_is_covered():
 @pytest.mark.parametrize("name", sorted(NAMED))
 def test_each_named_metric_equals_torchmetrics_on_the_whole_split(make_config, name):
     """The runner's batched, on-device evaluation against one torchmetrics call on every output at once."""
-    from runner.session import make_loop
     from runner.distributed import Distributed
+    from runner.session import make_loop
     from runner.train import evaluate
 
     regression = name in ("mae", "mse", "rmse", "r2")
@@ -272,11 +335,17 @@ def test_each_named_metric_equals_torchmetrics_on_the_whole_split(make_config, n
     assert set(logged) == {"val_loss", f"val_{name}"}
 
 
-@pytest.mark.parametrize(("metrics", "message"), [
-    ("[acuracy]", "metrics[0]='acuracy' is not a metric the runner knows; use one of loss, accuracy, top5_accuracy"),
-    ("[mae]", "metrics[0]=mae: not a metric for classification; use one of accuracy, top5_accuracy"),
-    ("[accuracy,accuracy]", "metrics[1]: the metric 'accuracy' is listed twice."),
-])
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        (
+            "[acuracy]",
+            "metrics[0]='acuracy' is not a metric the runner knows; use one of loss, accuracy, top5_accuracy",
+        ),
+        ("[mae]", "metrics[0]=mae: not a metric for classification; use one of accuracy, top5_accuracy"),
+        ("[accuracy,accuracy]", "metrics[1]: the metric 'accuracy' is listed twice."),
+    ],
+)
 def test_an_unknown_or_misplaced_metric_is_one_line_listing_the_known_ones(make_config, metrics, message):
     with pytest.raises(ConfigError) as caught:
         build_everything(make_config(f"metrics={metrics}"), CPU)
@@ -284,16 +353,23 @@ def test_an_unknown_or_misplaced_metric_is_one_line_listing_the_known_ones(make_
 
 
 @pytest.mark.slow
-def test_a_users_metric_function_and_torchmetrics_class_are_logged_with_their_direction(make_config, tracking_uri, experiment,
-                                                                                       tmp_path, monkeypatch):
-    (tmp_path / "my_metrics.py").write_text(textwrap.dedent('''
+def test_a_users_metric_function_and_torchmetrics_class_are_logged_with_their_direction(
+    make_config, tracking_uri, experiment, tmp_path, monkeypatch
+):
+    (tmp_path / "my_metrics.py").write_text(
+        textwrap.dedent("""
         def error_rate(outputs, targets):
             return (outputs.argmax(dim=1) != targets).float().mean()
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    metrics = ("metrics=[accuracy,{name: error_rate, higher_is_better: false, _target_: my_metrics.error_rate},"
-               "{name: kappa, _target_: torchmetrics.classification.MulticlassCohenKappa}]")
-    cfg = make_config(metrics, "scheduler=plateau", "scheduler.monitor=val_kappa", "scheduler.mode=max", "trainer.epochs=3")
+    metrics = (
+        "metrics=[accuracy,{name: error_rate, higher_is_better: false, _target_: my_metrics.error_rate},"
+        "{name: kappa, _target_: torchmetrics.classification.MulticlassCohenKappa}]"
+    )
+    cfg = make_config(
+        metrics, "scheduler=plateau", "scheduler.monitor=val_kappa", "scheduler.mode=max", "trainer.epochs=3"
+    )
     built = build_everything(cfg, CPU)
     assert built.metrics.find("val_error_rate").higher_is_better is False
     assert built.metrics.find("val_kappa").higher_is_better is True  # the class's own higher_is_better
@@ -303,7 +379,9 @@ def test_a_users_metric_function_and_torchmetrics_class_are_logged_with_their_di
     errors = metric_series(client, logged.info.run_id, "val_error_rate")
     assert errors == pytest.approx([1 - a for a in accuracy], abs=1e-6)
     assert len(metric_series(client, logged.info.run_id, "val_kappa")) == 3
-    with pytest.raises(ConfigError, match="scheduler.monitor=val_kappa with scheduler.mode=min: .* set scheduler.mode=max"):
+    with pytest.raises(
+        ConfigError, match="scheduler.monitor=val_kappa with scheduler.mode=min: .* set scheduler.mode=max"
+    ):
         build_everything(make_config(metrics, "scheduler=plateau", "scheduler.monitor=val_kappa"), CPU)
 
 
@@ -325,18 +403,32 @@ def test_the_readmes_own_data_example_runs_as_written(tmp_path):
     assert len(last) == 1 and float(last[0].split("val_accuracy ")[1].split()[0]) > 0.9
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["data=csv"], "error: data.path, data.target must be set (??? in the config); add data.path=... data.target=... to the command."),
-    (["data=csv", "data.path=nowhere.csv", "data.target=y"], "error: data.path=nowhere.csv: no such file (relative paths are from where you run the command)."),
-    (["metrics=[acuracy]"], "error: metrics[0]='acuracy' is not a metric the runner knows; use one of"),
-    (["data=custom"], "error: data._target_ must be set (??? in the config); add data._target_=... to the command."),
-    (["loss=mse"], "error: loss (torch.nn.modules.loss.MSELoss) does not fit the model's outputs of shape (8, 10)"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data=csv"],
+            "error: data.path, data.target must be set (??? in the config); add data.path=... data.target=... to the command.",
+        ),
+        (
+            ["data=csv", "data.path=nowhere.csv", "data.target=y"],
+            "error: data.path=nowhere.csv: no such file (relative paths are from where you run the command).",
+        ),
+        (["metrics=[acuracy]"], "error: metrics[0]='acuracy' is not a metric the runner knows; use one of"),
+        (
+            ["data=custom"],
+            "error: data._target_ must be set (??? in the config); add data._target_=... to the command.",
+        ),
+        (["loss=mse"], "error: loss (torch.nn.modules.loss.MSELoss) does not fit the model's outputs of shape (8, 10)"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_experiment_input_is_one_line_and_exit_2_before_training(tmp_path, overrides, message):
     from conftest import run_runner
 
-    result = run_runner(*overrides, "trainer.progress_bar=false", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    result = run_runner(
+        *overrides, "trainer.progress_bar=false", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert message in error and "Traceback" not in result.stderr and "epoch 1/" not in result.stderr

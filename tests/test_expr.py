@@ -72,7 +72,9 @@ def test_syntax_errors_are_one_clear_line(source):
         Expression(source)
 
 
-@pytest.mark.parametrize("source", ["10 ** 10 ** 10", "2 ** 100000", "(2 ** 1000) * (2 ** 1000)", "9 ** 9 ** 9 ** 9", "exp(1000)"])
+@pytest.mark.parametrize(
+    "source", ["10 ** 10 ** 10", "2 ** 100000", "(2 ** 1000) * (2 ** 1000)", "9 ** 9 ** 9 ** 9", "exp(1000)"]
+)
 def test_huge_results_fail_fast_instead_of_hanging(source):
     with pytest.raises(ExpressionError, match="fails at epoch=0"):
         Expression(source)(epoch=0)
@@ -90,7 +92,9 @@ def test_deep_nesting_is_refused_not_a_crash():
 def test_evaluation_errors_name_the_epoch():
     expr = Expression("1 / (5 - epoch)", where="scheduler.lr_lambda")
     assert expr(epoch=4) == 1
-    with pytest.raises(ExpressionError, match=r"scheduler.lr_lambda: '1 / \(5 - epoch\)' fails at epoch=5: division by zero"):
+    with pytest.raises(
+        ExpressionError, match=r"scheduler.lr_lambda: '1 / \(5 - epoch\)' fails at epoch=5: division by zero"
+    ):
         expr(epoch=5)
 
 
@@ -143,7 +147,11 @@ def test_agrees_with_python_wherever_python_gives_a_real_number(source, epoch):
         expected = python_reference(source, epoch)
     except (ArithmeticError, ValueError, TypeError):
         expected = None
-    if expected is None or isinstance(expected, complex) or (isinstance(expected, int) and expected.bit_length() > MAX_INT_BITS):
+    if (
+        expected is None
+        or isinstance(expected, complex)
+        or (isinstance(expected, int) and expected.bit_length() > MAX_INT_BITS)
+    ):
         with pytest.raises(ExpressionError):
             Expression(source)(epoch=epoch)
         return
@@ -273,9 +281,15 @@ def test_constants_are_checked(constants, what):
 
 @pytest.mark.parametrize(
     ("source", "operator", "column"),
-    [("epoch << 2", "<<", 7), ("epoch is 1", "is", 7), ("1 + (epoch & 3)", "&", 12), ("~epoch", "~", 1),
-     ("epoch in 3", "in", 7), ("2 @ epoch", "@", 3)],
-)  # fmt: skip
+    [
+        ("epoch << 2", "<<", 7),
+        ("epoch is 1", "is", 7),
+        ("1 + (epoch & 3)", "&", 12),
+        ("~epoch", "~", 1),
+        ("epoch in 3", "in", 7),
+        ("2 @ epoch", "@", 3),
+    ],
+)
 def test_a_refused_operator_is_named_with_its_column(source, operator, column):
     with pytest.raises(ExpressionError, match=re.escape(f"; the operator `{operator}` is at column {column}.")):
         Expression(source, where="scheduler.lr_lambda")

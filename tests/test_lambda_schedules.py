@@ -11,10 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from runner.schedules import build_scheduler, check_schedule, plan_schedule
 from runner.errors import ConfigError
 from runner.expr import ExpressionError
-from runner.schedules import ExpressionLambdaLR
+from runner.schedules import ExpressionLambdaLR, build_scheduler, check_schedule, plan_schedule
 
 WARMUP_COSINE = "lambda step: min(1, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / total_steps))"
 
@@ -24,8 +23,16 @@ def sgd(lr=0.1):
 
 
 def lambda_node(**settings):
-    return OmegaConf.create({"_target_": "runner.schedules.ExpressionLambdaLR", "lr_lambda": "1.0", "constants": None,
-                             "mode": "factor", "interval": "epoch", **settings})  # fmt: skip
+    return OmegaConf.create(
+        {
+            "_target_": "runner.schedules.ExpressionLambdaLR",
+            "lr_lambda": "1.0",
+            "constants": None,
+            "mode": "factor",
+            "interval": "epoch",
+            **settings,
+        }
+    )
 
 
 def test_the_runner_gives_epochs_and_total_steps_as_the_whole_runs_optimizer_steps():
@@ -39,8 +46,9 @@ def test_a_warmup_then_cosine_lambda_follows_the_runs_length():
     def lrs(epochs):
         node = lambda_node(lr_lambda=WARMUP_COSINE, interval="step", constants={"warmup": 15})
         step_lrs: list[float] = []
-        check_schedule(plan_schedule(node, epochs=epochs, steps_per_epoch=10), lambda p: torch.optim.SGD(p, lr=1.0),
-                       step_lrs)  # fmt: skip
+        check_schedule(
+            plan_schedule(node, epochs=epochs, steps_per_epoch=10), lambda p: torch.optim.SGD(p, lr=1.0), step_lrs
+        )
         return step_lrs
 
     for epochs in (3, 8):
@@ -50,8 +58,9 @@ def test_a_warmup_then_cosine_lambda_follows_the_runs_length():
 
 
 def test_constants_and_the_runs_length_are_saved_state_and_survive_a_weights_only_checkpoint():
-    scheduler = ExpressionLambdaLR(sgd(), WARMUP_COSINE, constants={"warmup": 20}, steps_per_epoch=10,
-                                   stepped_per_batch=True, total_steps=100)  # fmt: skip
+    scheduler = ExpressionLambdaLR(
+        sgd(), WARMUP_COSINE, constants={"warmup": 20}, steps_per_epoch=10, stepped_per_batch=True, total_steps=100
+    )
     for _ in range(30):
         scheduler.optimizer.step()
         scheduler.step()
@@ -82,9 +91,11 @@ def test_inside_a_composition_the_runs_length_is_not_known_and_says_so():
 
 @pytest.mark.parametrize(
     ("constants", "message"),
-    [({"total_steps": 5}, "scheduler.constants.total_steps: total_steps is already a name"),
-     ({"warmup": "5"}, "scheduler.constants.warmup='5': a constant must be a number")],
-)  # fmt: skip
+    [
+        ({"total_steps": 5}, "scheduler.constants.total_steps: total_steps is already a name"),
+        ({"warmup": "5"}, "scheduler.constants.warmup='5': a constant must be a number"),
+    ],
+)
 def test_bad_constants_are_one_line_naming_the_key(constants, message):
     with pytest.raises(ConfigError, match=message):
         ExpressionLambdaLR(sgd(), "1.0", constants=constants)

@@ -14,10 +14,12 @@ def test_jobs_run_in_order_on_another_thread_and_flush_waits_for_them():
     done, threads = [], set()
     persister = Persister()
     for i in range(5):
+
         def job(i=i):
             time.sleep(0.01)
             threads.add(threading.current_thread().name)
             done.append(i)
+
         persister.submit(job)
     persister.flush()
     assert done == [0, 1, 2, 3, 4] and threads == {"runner-persist"}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_runner
 from test_resume import BASE, EXIT_STOPPED, assert_mlflow_history_exact, assert_same_result, final_bundle, run_dirs
 from test_resume import launch as launch_on_cpu
 
-from conftest import run_runner
 from runner.signals import FAULT_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow  # whole runs at reduced precision, stopped and resumed
@@ -23,8 +23,14 @@ def launch(cwd, *overrides: str, device: str = "cpu", fault: str | None = None):
     if device == "cpu":
         return launch_on_cpu(cwd, *overrides, fault=fault)
     base = [o for o in BASE if not o.startswith("trainer.device=")]
-    return run_runner(*base, f"trainer.device={device}", *overrides, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", cwd=cwd,
-                      env={FAULT_AT_STEP_ENV: fault} if fault else {})
+    return run_runner(
+        *base,
+        f"trainer.device={device}",
+        *overrides,
+        f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}",
+        cwd=cwd,
+        env={FAULT_AT_STEP_ENV: fault} if fault else {},
+    )
 
 
 def stop_and_resume_equals_uninterrupted(tmp_path, *overrides: str, device: str = "cpu") -> dict:

@@ -14,7 +14,9 @@ import torch
 
 def preview(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "runner.preview", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "runner.preview", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def table(stdout: str) -> tuple[list[str], list[list[str]]]:
@@ -58,7 +60,10 @@ def test_preview_sweeps_schedules_onto_one_plot_labelled_by_overrides(tmp_path):
     ("args", "message"),
     [
         (["scheduler=lambda", "scheduler.lr_lambda='1 / (3 - epoch)'"], "fails at epoch=3"),
-        (["scheduler=lambda", "scheduler.lr_lambda='1 - epoch / 2'", "trainer.epochs=5"], "the schedule gives lr=-0.05 at epoch 3"),
+        (
+            ["scheduler=lambda", "scheduler.lr_lambda='1 - epoch / 2'", "trainer.epochs=5"],
+            "the schedule gives lr=-0.05 at epoch 3",
+        ),
         (["scheduler=linear,cosine"], "add -m to preview every combination"),
         (["scheduler=nope"], "Could not find 'scheduler/nope'"),
         (["scheduler=plateau", "scheduler.mode=max"], "set scheduler.mode=min"),
@@ -67,5 +72,7 @@ def test_preview_sweeps_schedules_onto_one_plot_labelled_by_overrides(tmp_path):
 def test_preview_refuses_bad_schedules_in_one_line(tmp_path, args, message):
     result = preview(*args, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr, (
+        result.stderr
+    )
     assert not list(tmp_path.iterdir())

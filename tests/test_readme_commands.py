@@ -149,8 +149,15 @@ def test_the_readme_command_runs_in_bash_as_written(command: Command, readme_fol
     if command.excluded:
         pytest.skip(f"{command.text.splitlines()[0]}: {command.excluded}")
     env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
-    done = subprocess.run(["bash", "-c", command.text], check=False, cwd=readme_folder, env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-c", command.text],
+        check=False,
+        cwd=readme_folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == command.expected_exit, f"README line {command.line}: {command.text}\n{output}"
     if command.expected_exit == 2 and not command.text.startswith("torchrun"):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONF, ROOT, assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
+
 from runner.checkpoint import CHECKPOINT_FORMAT, FAULT_DURING_WRITE_ENV, LATEST_MARKER, list_checkpoints
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
 
@@ -25,13 +25,23 @@ pytestmark = pytest.mark.slow  # real subprocesses stopped, killed and resumed
 SCHEDULERS = sorted(path.stem for path in (CONF / "scheduler").glob("*.yaml"))
 OPTIMIZERS = ["sgd", "adam", "asgd"]
 EPOCHS = 4  # digits: 45 batches of 32 per epoch, so step 70 is mid-epoch 2 and step 100 mid-epoch 3
-BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
-        "optimizer.lr=0.05", "tracking.log_every_n_steps=5", "trainer.checkpoint_min_seconds=0"]  # a checkpoint every epoch
+BASE = [
+    f"trainer.epochs={EPOCHS}",
+    "trainer.deterministic=true",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+    "optimizer.lr=0.05",
+    "tracking.log_every_n_steps=5",
+    "trainer.checkpoint_min_seconds=0",
+]  # a checkpoint every epoch
 
 
 # Settings that make each schedule change within EPOCHS epochs (ReduceLROnPlateau: only >50% improvements count).
-SCHEDULE_SETTINGS = {"warmup_cosine": ["scheduler.warmup=2"], "cosine_restarts": ["scheduler.T_0=2"],
-                     "plateau": ["scheduler.patience=0", "scheduler.threshold=0.5"]}
+SCHEDULE_SETTINGS = {
+    "warmup_cosine": ["scheduler.warmup=2"],
+    "cosine_restarts": ["scheduler.T_0=2"],
+    "plateau": ["scheduler.patience=0", "scheduler.threshold=0.5"],
+}
 
 
 def pair_overrides(optimizer: str, scheduler: str) -> list[str]:
@@ -39,7 +49,9 @@ def pair_overrides(optimizer: str, scheduler: str) -> list[str]:
     return [f"optimizer={optimizer}", f"scheduler={scheduler}", *extra, *SCHEDULE_SETTINGS.get(scheduler, [])]
 
 
-def launch(cwd: Path, *overrides: str, fault: str | None = None, kill_in_write: int | None = None) -> subprocess.CompletedProcess:
+def launch(
+    cwd: Path, *overrides: str, fault: str | None = None, kill_in_write: int | None = None
+) -> subprocess.CompletedProcess:
     env = {}
     if fault:
         env[FAULT_AT_STEP_ENV] = fault
@@ -86,13 +98,23 @@ def references(tmp_path_factory) -> dict[tuple[str, str], dict]:
         common = pair_overrides(optimizer, "x")[2:]
         schedulers = [s for o, s in REFERENCE_PAIRS if o == optimizer]
         plain = [s for s in schedulers if pair_overrides(optimizer, s)[2:] == common]
-        result = run_runner("-m", f"optimizer={optimizer}", f"scheduler={','.join(plain)}", *BASE, *common, tracking,
-                            f"hydra.sweep.dir={cwd / optimizer}", cwd=cwd)
+        result = run_runner(
+            "-m",
+            f"optimizer={optimizer}",
+            f"scheduler={','.join(plain)}",
+            *BASE,
+            *common,
+            tracking,
+            f"hydra.sweep.dir={cwd / optimizer}",
+            cwd=cwd,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         found.update({(optimizer, s): final_bundle(cwd / optimizer / str(job)) for job, s in enumerate(plain)})
         for scheduler in sorted(set(schedulers) - set(plain)):
             run_dir = cwd / optimizer / scheduler
-            result = run_runner(*BASE, *pair_overrides(optimizer, scheduler), tracking, f"hydra.run.dir={run_dir}", cwd=cwd)
+            result = run_runner(
+                *BASE, *pair_overrides(optimizer, scheduler), tracking, f"hydra.run.dir={run_dir}", cwd=cwd
+            )
             assert result.returncode == 0, result.stderr[-3000:]
             found[optimizer, scheduler] = final_bundle(run_dir)
     return found
@@ -110,7 +132,10 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_equal_to_uninterrupted(tmp_pat
 
     resumed = launch(tmp_path, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming {run_dir.relative_to(tmp_path)} from epoch-0001-step-00000070.pt: epoch 2/4, batch 25 of 45" in resumed.stderr
+    assert (
+        f"resuming {run_dir.relative_to(tmp_path)} from epoch-0001-step-00000070.pt: epoch 2/4, batch 25 of 45"
+        in resumed.stderr
+    )
     assert run_dirs(tmp_path) == [run_dir]
     assert_same_result(final_bundle(run_dir), references[optimizer, scheduler])
     assert_mlflow_history_exact(tmp_path, references[optimizer, scheduler])
@@ -175,8 +200,14 @@ def test_an_external_sigint_during_training_stops_and_the_same_command_resumes(t
     assert "SIGINT received" in rest and "stopped by SIGINT" in rest
     resumed = launch(tmp_path, *overrides)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr
-    reference = run_runner(*BASE, *overrides, "resume=never", f"tracking.uri=sqlite:///{tmp_path / 'ref.db'}",
-                           f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
+    reference = run_runner(
+        *BASE,
+        *overrides,
+        "resume=never",
+        f"tracking.uri=sqlite:///{tmp_path / 'ref.db'}",
+        f"hydra.run.dir={tmp_path / 'reference'}",
+        cwd=tmp_path,
+    )
     assert reference.returncode == 0
     (run_dir,) = run_dirs(tmp_path)
     assert_same_result(final_bundle(run_dir), final_bundle(tmp_path / "reference"))
@@ -253,7 +284,9 @@ def test_a_forced_resume_into_a_model_it_does_not_fit_is_one_line(tmp_path):
     result = launch(tmp_path, f"resume={run_dir}", "resume_force=true", "model.hidden_sizes=[16]")
     assert result.returncode == 2
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert "does not fit this config's model: Error(s) in loading state_dict" in error and "Traceback" not in result.stderr
+    assert (
+        "does not fit this config's model: Error(s) in loading state_dict" in error and "Traceback" not in result.stderr
+    )
 
 
 def test_resume_from_a_path_without_checkpoints_is_one_line(tmp_path):
@@ -289,7 +322,10 @@ def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
     assert set(only_rank["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert len(bundle["history"]["epochs"]) == EPOCHS and bundle["progress"]["epoch"] == EPOCHS
     # The MLflow run opens on the persist thread while training starts: a checkpoint written first holds no id yet.
-    assert bundle["tracking"]["mlflow_run_id"] in (None, json.loads((run_dir / "runner.json").read_text())["mlflow_run_id"])
+    assert bundle["tracking"]["mlflow_run_id"] in (
+        None,
+        json.loads((run_dir / "runner.json").read_text())["mlflow_run_id"],
+    )
     assert bundle["config"]["trainer"]["epochs"] == EPOCHS
 
 

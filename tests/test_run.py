@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import CONF, metric_series, mlflow_runs
 from omegaconf import OmegaConf
 
-from conftest import CONF, metric_series, mlflow_runs
 from runner.run import RunContext, run
 from runner.session import epoch_metrics
 from runner.train import EpochResult
@@ -25,7 +25,9 @@ def scheduler_overrides(scheduler: str, optimizer: str) -> list[str]:
         "linear": ["scheduler.total_iters=4"],
         "warmup_cosine": ["scheduler.warmup=3"],
         "cosine_restarts": ["scheduler.T_0=3"],
-        "onecycle": ["scheduler.cycle_momentum=true"] if optimizer != "asgd" else [],  # torch's default, where it applies
+        "onecycle": ["scheduler.cycle_momentum=true"]
+        if optimizer != "asgd"
+        else [],  # torch's default, where it applies
         "plateau": ["scheduler.patience=1", "scheduler.threshold=0.5"],  # improvements under 50% count as none
     }.get(scheduler, [])
 
@@ -47,7 +49,9 @@ def torch_scheduler(optimizer: torch.optim.Optimizer, node: dict, total_steps: i
     if target == "ExpressionLambdaLR":
         of_epoch = PRESET_LAMBDAS[args["lr_lambda"]]
         per_batch = node.get("interval") == "step"
-        main = lr_scheduler.LambdaLR(optimizer, lambda count: of_epoch(count // steps_per_epoch if per_batch else count))
+        main = lr_scheduler.LambdaLR(
+            optimizer, lambda count: of_epoch(count // steps_per_epoch if per_batch else count)
+        )
     elif target == "sequential":
         children = [torch_scheduler(optimizer, child, remaining) for child in args["schedulers"]]
         main = lr_scheduler.SequentialLR(optimizer, children, args["milestones"])
@@ -103,8 +107,15 @@ def digits_steps_per_epoch(cfg) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_logged_lr_per_epoch_equals_a_plain_torch_loop(make_config, tracking_uri, experiment, tmp_path, optimizer, scheduler):
-    cfg = make_config(f"optimizer={optimizer}", f"scheduler={scheduler}", f"trainer.epochs={EPOCHS}", *scheduler_overrides(scheduler, optimizer))
+def test_logged_lr_per_epoch_equals_a_plain_torch_loop(
+    make_config, tracking_uri, experiment, tmp_path, optimizer, scheduler
+):
+    cfg = make_config(
+        f"optimizer={optimizer}",
+        f"scheduler={scheduler}",
+        f"trainer.epochs={EPOCHS}",
+        *scheduler_overrides(scheduler, optimizer),
+    )
     final_val_loss = run(cfg, RunContext(tmp_path, [f"optimizer={optimizer}", f"scheduler={scheduler}"]))
 
     client, runs = mlflow_runs(tracking_uri, experiment)
@@ -121,8 +132,13 @@ def test_logged_lr_per_epoch_equals_a_plain_torch_loop(make_config, tracking_uri
 
 def test_per_step_lambda_sees_step_and_logs_lr_step(make_config, tracking_uri, experiment, tmp_path):
     expression = "0.99 ** step * (1 if epoch < 2 else 0.5)"
-    cfg = make_config("scheduler=lambda", f"scheduler.lr_lambda='{expression}'", "scheduler.interval=step", "trainer.epochs=3",
-                      "tracking.log_every_n_steps=10")
+    cfg = make_config(
+        "scheduler=lambda",
+        f"scheduler.lr_lambda='{expression}'",
+        "scheduler.interval=step",
+        "trainer.epochs=3",
+        "tracking.log_every_n_steps=10",
+    )
     run(cfg, RunContext(tmp_path))
     client, (logged,) = mlflow_runs(tracking_uri, experiment)
     steps = digits_steps_per_epoch(cfg)
@@ -130,34 +146,60 @@ def test_per_step_lambda_sees_step_and_logs_lr_step(make_config, tracking_uri, e
     assert metric_series(client, logged.info.run_id, "lr") == pytest.approx(expected[::steps], rel=1e-12)
     history = client.get_metric_history(logged.info.run_id, "lr_step")
     assert sorted(m.step for m in history) == list(range(0, 3 * steps, 10))
-    assert {m.step: m.value for m in history} == pytest.approx({s: expected[s] for s in range(0, 3 * steps, 10)}, rel=1e-12)
+    assert {m.step: m.value for m in history} == pytest.approx(
+        {s: expected[s] for s in range(0, 3 * steps, 10)}, rel=1e-12
+    )
 
 
 def test_absolute_mode_reproduces_keras_learning_rates(make_config, tracking_uri, experiment, tmp_path):
-    cfg = make_config("optimizer=adam", "optimizer.lr=0.5", "scheduler=lambda", "scheduler.mode=absolute",
-                      "scheduler.lr_lambda='(1e-3 - 1e-8) * (10 - epoch) / 10'", "trainer.epochs=10")
+    cfg = make_config(
+        "optimizer=adam",
+        "optimizer.lr=0.5",
+        "scheduler=lambda",
+        "scheduler.mode=absolute",
+        "scheduler.lr_lambda='(1e-3 - 1e-8) * (10 - epoch) / 10'",
+        "trainer.epochs=10",
+    )
     run(cfg, RunContext(tmp_path))
     client, (logged,) = mlflow_runs(tracking_uri, experiment)
     lrs = metric_series(client, logged.info.run_id, "lr")
-    assert lrs[:2] == pytest.approx([0.00099999, 0.000899991], rel=1e-12)  # Keras's LearningRateScheduler, not x optimizer.lr
+    assert lrs[:2] == pytest.approx(
+        [0.00099999, 0.000899991], rel=1e-12
+    )  # Keras's LearningRateScheduler, not x optimizer.lr
     assert lrs == pytest.approx([(1e-3 - 1e-8) * (10 - e) / 10 for e in range(10)], rel=1e-12)
 
 
 def test_a_factor_expression_equal_to_the_base_lr_warns_naming_both_modes(make_config, tmp_path, caplog):
-    cfg = make_config("optimizer.lr=0.001", "scheduler=lambda", "scheduler.lr_lambda='0.001 * 0.9 ** epoch'", "trainer.epochs=1")
+    cfg = make_config(
+        "optimizer.lr=0.001", "scheduler=lambda", "scheduler.lr_lambda='0.001 * 0.9 ** epoch'", "trainer.epochs=1"
+    )
     with caplog.at_level("WARNING", logger="runner"):
         run(cfg, RunContext(tmp_path))
     (warning,) = [r.getMessage() for r in caplog.records if "scheduler.lr_lambda is 0.001 at epoch 0" in r.getMessage()]
     assert "mode=factor" in warning and "scheduler.mode=absolute" in warning and "0.001 x 0.001 = 1e-06" in warning
     caplog.clear()
     with caplog.at_level("WARNING", logger="runner"):
-        run(make_config("optimizer.lr=0.001", "scheduler=lambda", "scheduler.lr_lambda='0.9 ** epoch'", "trainer.epochs=1",
-                        "resume=never"), RunContext(tmp_path / "second"))
+        run(
+            make_config(
+                "optimizer.lr=0.001",
+                "scheduler=lambda",
+                "scheduler.lr_lambda='0.9 ** epoch'",
+                "trainer.epochs=1",
+                "resume=never",
+            ),
+            RunContext(tmp_path / "second"),
+        )
     assert not [r for r in caplog.records if "lr_lambda" in r.getMessage()]
 
 
 def test_known_case_sgd_with_halving_every_three_epochs(make_config, tracking_uri, experiment, tmp_path):
-    cfg = make_config("optimizer=sgd", "optimizer.lr=0.1", "scheduler=lambda", "scheduler.lr_lambda='0.5 ** (epoch // 3)'", "trainer.epochs=9")
+    cfg = make_config(
+        "optimizer=sgd",
+        "optimizer.lr=0.1",
+        "scheduler=lambda",
+        "scheduler.lr_lambda='0.5 ** (epoch // 3)'",
+        "trainer.epochs=9",
+    )
     run(cfg, RunContext(tmp_path))
     client, (logged,) = mlflow_runs(tracking_uri, experiment)
     expected = [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025]
@@ -165,7 +207,13 @@ def test_known_case_sgd_with_halving_every_three_epochs(make_config, tracking_ur
 
 
 def test_known_case_adam_with_linear_decay_to_a_tenth(make_config, tracking_uri, experiment, tmp_path):
-    cfg = make_config("optimizer=adam", "optimizer.lr=1e-3", "scheduler=lambda", "scheduler.lr_lambda='(10 - epoch) / 10'", "trainer.epochs=10")
+    cfg = make_config(
+        "optimizer=adam",
+        "optimizer.lr=1e-3",
+        "scheduler=lambda",
+        "scheduler.lr_lambda='(10 - epoch) / 10'",
+        "trainer.epochs=10",
+    )
     run(cfg, RunContext(tmp_path))
     client, (logged,) = mlflow_runs(tracking_uri, experiment)
     expected = [1e-3 * (10 - e) / 10 for e in range(10)]
@@ -208,7 +256,7 @@ def test_training_learns_digits(make_config, tracking_uri, experiment, tmp_path)
 def test_every_param_group_gets_its_own_lr_metric():
     metrics = epoch_metrics(EpochResult(0, [0.1, 0.01], {"train_loss": 1.0}))
     assert metrics == {"lr": 0.1, "lr/group0": 0.1, "lr/group1": 0.01, "train_loss": 1.0}
-    assert epoch_metrics(EpochResult(0, [0.1], {}))  == {"lr": 0.1}
+    assert epoch_metrics(EpochResult(0, [0.1], {})) == {"lr": 0.1}
 
 
 def test_same_seed_same_result(make_config, tmp_path):

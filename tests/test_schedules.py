@@ -7,10 +7,9 @@ import pickle
 
 import pytest
 import torch
-from torch.optim.lr_scheduler import LambdaLR
-
 from conftest import CONF
 from omegaconf import OmegaConf
+from torch.optim.lr_scheduler import LambdaLR
 
 from runner.errors import ConfigError
 from runner.expr import ExpressionError
@@ -40,8 +39,15 @@ def test_state_dict_holds_the_expression_and_restores_the_position():
     scheduler = ExpressionLambdaLR(sgd(), "0.5 ** (epoch // 3)")
     lrs_over(scheduler, 4)
     state = scheduler.state_dict()
-    assert state["lr_lambdas"] == [{"expression": "0.5 ** (epoch // 3)", "steps_per_epoch": 1, "stepped_per_batch": False,
-                                    "constants": {}, "epochs": None}]
+    assert state["lr_lambdas"] == [
+        {
+            "expression": "0.5 ** (epoch // 3)",
+            "steps_per_epoch": 1,
+            "stepped_per_batch": False,
+            "constants": {},
+            "epochs": None,
+        }
+    ]
     assert state["mode"] == "factor"
 
     buffer = io.BytesIO()
@@ -83,9 +89,13 @@ def test_per_step_simulation_names_the_epoch_and_the_step():
     with pytest.raises(ConfigError, match=r"fails at epoch=2, step=100"):
         simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1), build, 5, steps_per_epoch=45, stepped_per_batch=True)
     with pytest.raises(ConfigError, match=r"lr=-0.01 at epoch 3 \(step 140\)"):
-        simulate_schedule(lambda p: torch.optim.SGD(p, lr=0.1),
-                          lambda o: ExpressionLambdaLR(o, "(139 - step) / 10", steps_per_epoch=45, stepped_per_batch=True),
-                          5, steps_per_epoch=45, stepped_per_batch=True)
+        simulate_schedule(
+            lambda p: torch.optim.SGD(p, lr=0.1),
+            lambda o: ExpressionLambdaLR(o, "(139 - step) / 10", steps_per_epoch=45, stepped_per_batch=True),
+            5,
+            steps_per_epoch=45,
+            stepped_per_batch=True,
+        )
 
 
 def test_a_lambda_in_epoch_steps_sees_the_global_step_of_the_epoch_start():
@@ -113,12 +123,17 @@ def test_an_unknown_lambda_mode_names_both():
 def test_compositions_refuse_what_torch_would_get_wrong():
     from runner.schedules import sequential
 
-    parts = [{"_target_": "torch.optim.lr_scheduler.ConstantLR"}, {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2}]
+    parts = [
+        {"_target_": "torch.optim.lr_scheduler.ConstantLR"},
+        {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2},
+    ]
     with pytest.raises(ConfigError, match="2 schedulers need 1 milestones, not 2"):
         sequential(sgd(), parts, [2, 3])
     with pytest.raises(ConfigError, match="milestones must be increasing"):
         sequential(sgd(), [*parts, parts[0]], [3, 2])
-    with pytest.raises(ConfigError, match=r"scheduler.schedulers\[1\] \(torch.optim.lr_scheduler.StepLR\): unknown argument gama"):
+    with pytest.raises(
+        ConfigError, match=r"scheduler.schedulers\[1\] \(torch.optim.lr_scheduler.StepLR\): unknown argument gama"
+    ):
         sequential(sgd(), [parts[0], {**parts[1], "gama": 0.5}], [2])
 
 
@@ -140,8 +155,13 @@ def test_a_warmup_before_any_preset_is_torchs_sequentiallr_of_linearlr_and_that_
 
     epochs, steps_per_epoch = 8, 5 if interval == "step" else 1
     warmup = 3 * steps_per_epoch
-    cfg = make_config(f"scheduler={preset}", f"scheduler.warmup={warmup}", f"scheduler.interval={interval}",
-                      f"trainer.epochs={epochs}", "scheduler.warmup_start_factor=0.25")
+    cfg = make_config(
+        f"scheduler={preset}",
+        f"scheduler.warmup={warmup}",
+        f"scheduler.interval={interval}",
+        f"trainer.epochs={epochs}",
+        "scheduler.warmup_start_factor=0.25",
+    )
     step_lrs: list[float] = []
     check_schedule(plan_schedule(cfg.scheduler, epochs, steps_per_epoch), optimizer_builder(cfg), step_lrs)
 
@@ -161,14 +181,25 @@ def test_a_warmup_before_any_preset_is_torchs_sequentiallr_of_linearlr_and_that_
 def test_a_warmup_where_torch_cannot_put_one_is_refused_naming_the_fix(make_config, preset):
     from runner.build import build_everything
 
-    with pytest.raises(ConfigError, match=r"scheduler.warmup=2: \w+ cannot follow a warm-up \(.*\); leave scheduler.warmup at 0"):
+    with pytest.raises(
+        ConfigError, match=r"scheduler.warmup=2: \w+ cannot follow a warm-up \(.*\); leave scheduler.warmup at 0"
+    ):
         build_everything(make_config(f"scheduler={preset}", "+scheduler.warmup=2"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["scheduler.warmup=10", "trainer.epochs=10"], "scheduler.warmup=10: the warm-up must be at least 1 step and shorter than the run (10 scheduler steps)."),
-    (["scheduler.warmup=2", "scheduler.warmup_start_factor=0", "trainer.epochs=5"], "scheduler.warmup_start_factor=0.0: the warm-up starts at this fraction"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["scheduler.warmup=10", "trainer.epochs=10"],
+            "scheduler.warmup=10: the warm-up must be at least 1 step and shorter than the run (10 scheduler steps).",
+        ),
+        (
+            ["scheduler.warmup=2", "scheduler.warmup_start_factor=0", "trainer.epochs=5"],
+            "scheduler.warmup_start_factor=0.0: the warm-up starts at this fraction",
+        ),
+    ],
+)
 def test_a_warmup_that_does_not_fit_is_refused(make_config, overrides, message):
     from runner.build import build_everything
 

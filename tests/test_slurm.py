@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
+
 from runner.checkpoint import list_checkpoints
 from runner.signals import FAULT_AT_STEP_ENV, STEP_DELAY_ENV
 

@@ -16,14 +16,22 @@ from runner.checkpoint import FAULT_DURING_WRITE_ENV, list_checkpoints
 from runner.signals import FAULT_AT_STEP_ENV
 
 EPOCHS, STEPS_PER_EPOCH = 3, 45
-BASE = [f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.device=cpu", "trainer.progress_bar=false",
-        "trainer.checkpoint_min_seconds=0", "trainer.keep_checkpoints=1", "optimizer=adam",
-        "scheduler=cosine"]  # fmt: skip
+BASE = [
+    f"trainer.epochs={EPOCHS}",
+    "trainer.deterministic=true",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+    "trainer.checkpoint_min_seconds=0",
+    "trainer.keep_checkpoints=1",
+    "optimizer=adam",
+    "scheduler=cosine",
+]
 
 
 def launch(cwd: Path, run_dir: str, env: dict[str, str] | None = None):
-    return run_runner(*BASE, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"hydra.run.dir={run_dir}", cwd=cwd,
-                      env=env, timeout=300)  # fmt: skip
+    return run_runner(
+        *BASE, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"hydra.run.dir={run_dir}", cwd=cwd, env=env, timeout=300
+    )
 
 
 def newest_step(run_dir: Path) -> int:

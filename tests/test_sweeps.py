@@ -63,12 +63,29 @@ def free_port() -> int:
 def test_interrupted_sweep_resumes_unfinished_jobs_and_skips_finished_ones(tmp_path):
     uri, tracking = store(tmp_path)
     epochs = 100
-    args = ["-m", "scheduler=constant,linear,cosine", f"trainer.epochs={epochs}", "trainer.checkpoint_min_seconds=0", *QUIET, *tracking]
+    args = [
+        "-m",
+        "scheduler=constant,linear,cosine",
+        f"trainer.epochs={epochs}",
+        "trainer.checkpoint_min_seconds=0",
+        *QUIET,
+        *tracking,
+    ]
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    sweep = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Part way through: job 0 done, job 1 has written its first checkpoint, job 2 not started.
-    wait_for(lambda: 1 in job_dirs(tmp_path) and any((job_dirs(tmp_path)[1] / "checkpoints").glob("*.pt")), 120, "job 1's first checkpoint")
+    wait_for(
+        lambda: 1 in job_dirs(tmp_path) and any((job_dirs(tmp_path)[1] / "checkpoints").glob("*.pt")),
+        120,
+        "job 1's first checkpoint",
+    )
     sweep.send_signal(signal.SIGTERM)
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 75, stderr
@@ -96,8 +113,16 @@ def parallel_sweep(tmp_path_factory):
     """Four jobs at once through the joblib launcher, all creating their MLflow runs in one fresh SQLite file."""
     tmp_path = tmp_path_factory.mktemp("parallel")
     uri, tracking = store(tmp_path)
-    result = run_runner("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", f"scheduler={','.join(SCHEDULES)}",
-                        "trainer.epochs=30", *QUIET, *tracking, cwd=tmp_path)
+    result = run_runner(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        f"scheduler={','.join(SCHEDULES)}",
+        "trainer.epochs=30",
+        *QUIET,
+        *tracking,
+        cwd=tmp_path,
+    )
     return tmp_path, uri, result
 
 
@@ -122,8 +147,22 @@ def test_compare_draws_and_ranks_a_real_sweep(parallel_sweep, tmp_path):
     sweep_dir, uri, _ = parallel_sweep
     client, runs = mlflow_runs(uri, "sweep")
     out = tmp_path / "report" / "cmp"
-    result = subprocess.run([sys.executable, "-m", "runner.compare", "--sweep", runs[0].data.tags["sweep_id"],
-                             "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner.compare",
+            "--sweep",
+            runs[0].data.tags["sweep_id"],
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
     final = {r.data.tags["scheduler"]: metric_series(client, r.info.run_id, "val_loss")[-1] for r in runs}
@@ -145,7 +184,7 @@ def test_compare_draws_and_ranks_a_real_sweep(parallel_sweep, tmp_path):
     image = matplotlib.image.imread(out.with_suffix(".png"))
     height, width = image.shape[:2]
     assert width > 2 * height > 600, "three panels side by side"
-    colours = {tuple(px) for px in (image[:, :, :3] * 255).astype(int).reshape(-1, 3)[:: 7]}
+    colours = {tuple(px) for px in (image[:, :, :3] * 255).astype(int).reshape(-1, 3)[::7]}
     assert len(colours) > 50, "the plot has lines in it, not a blank canvas"
 
 
@@ -156,22 +195,36 @@ def test_compare_says_in_one_line_when_there_is_nothing_to_compare(tmp_path):
     open_experiment(uri, "empty")
 
     def compare(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "runner.compare", "--tracking-uri", uri, "--out", str(tmp_path / "c"), *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "runner.compare", "--tracking-uri", uri, "--out", str(tmp_path / "c"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
-    for args, message in [(["empty"], "has no runs"), (["nope"], "no MLflow experiment 'nope'"),
-                          (["--sweep", "abc"], "no runs tagged sweep_id=abc"), (["--runs", "0" * 32], "no MLflow run")]:
+    for args, message in [
+        (["empty"], "has no runs"),
+        (["nope"], "no MLflow experiment 'nope'"),
+        (["--sweep", "abc"], "no runs tagged sweep_id=abc"),
+        (["--runs", "0" * 32], "no MLflow run"),
+    ]:
         result = compare(*args)
         assert result.returncode == 2
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr, (
+            result.stderr
+        )
         assert not (tmp_path / "c.png").exists()
 
 
 def test_compare_labels_runs_by_what_sets_them_apart():
     from runner.compare import RunCurves, label_runs
 
-    runs = [RunCurves(str(i), f"name{i}", overrides, "s", "o", "FINISHED") for i, overrides in
-            enumerate([["scheduler=linear", "trainer.epochs=5"], ["scheduler=cosine", "trainer.epochs=5"], ["trainer.epochs=5"]])]
+    runs = [
+        RunCurves(str(i), f"name{i}", overrides, "s", "o", "FINISHED")
+        for i, overrides in enumerate(
+            [["scheduler=linear", "trainer.epochs=5"], ["scheduler=cosine", "trainer.epochs=5"], ["trainer.epochs=5"]]
+        )
+    ]
     label_runs(runs)
     assert [r.label for r in runs] == ["scheduler=linear", "scheduler=cosine", "name2"]
 
@@ -181,10 +234,26 @@ def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact folder."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     uri = f"http://127.0.0.1:{port}"
 
@@ -210,8 +279,17 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_jobs_log_to_a_real_tracking_server(mlflow_server, tmp_path):
-    result = run_runner("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "scheduler=constant,linear,cosine",
-                        "trainer.epochs=10", *QUIET, f"tracking.uri={mlflow_server}", "tracking.experiment=server", cwd=tmp_path)
+    result = run_runner(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=3",
+        "scheduler=constant,linear,cosine",
+        "trainer.epochs=10",
+        *QUIET,
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=server",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     client, runs = mlflow_runs(mlflow_server, "server")
     assert sorted(r.data.tags["scheduler"] for r in runs) == ["constant", "cosine", "linear"]
@@ -234,7 +312,10 @@ def test_unreachable_tracking_server_is_one_line_before_anything_runs(tmp_path):
 
 
 def test_unknown_launcher_or_sweeper_is_hydras_own_error(tmp_path):
-    for override, message in [("hydra/launcher=nope", "hydra/launcher/nope"), ("hydra/sweeper=nope", "hydra/sweeper/nope")]:
+    for override, message in [
+        ("hydra/launcher=nope", "hydra/launcher/nope"),
+        ("hydra/sweeper=nope", "hydra/sweeper/nope"),
+    ]:
         result = run_runner("-m", override, *QUIET, cwd=tmp_path, timeout=120)
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -243,7 +324,9 @@ def test_unknown_launcher_or_sweeper_is_hydras_own_error(tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_minimises_the_final_val_loss_jobs_return(tmp_path):
     uri, tracking = store(tmp_path, "optuna")
-    result = run_runner("-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3", "trainer.epochs=3", *QUIET, *tracking, cwd=tmp_path)
+    result = run_runner(
+        "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3", "trainer.epochs=3", *QUIET, *tracking, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     client, runs = mlflow_runs(uri, "optuna")
     assert len(runs) == 3
@@ -266,11 +349,29 @@ def test_submitit_requeues_a_signalled_job_which_resumes_from_its_checkpoint(tmp
     epochs = 200
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "runner", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         f"trainer.epochs={epochs}", "trainer.checkpoint_min_seconds=0", *QUIET, *tracking],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            f"trainer.epochs={epochs}",
+            "trainer.checkpoint_min_seconds=0",
+            *QUIET,
+            *tracking,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    wait_for(lambda: 0 in job_dirs(tmp_path) and any((job_dirs(tmp_path)[0] / "checkpoints").glob("*.pt")), 180, "the first checkpoint")
+    wait_for(
+        lambda: 0 in job_dirs(tmp_path) and any((job_dirs(tmp_path)[0] / "checkpoints").glob("*.pt")),
+        180,
+        "the first checkpoint",
+    )
     (task,) = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_submitit_task(int(pid), tmp_path)]
     os.kill(int(task), signal.SIGUSR2)
     stdout, stderr = sweep.communicate(timeout=300)

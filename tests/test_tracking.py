@@ -31,10 +31,27 @@ def free_port() -> int:
 
 def start_server(port: int, store: Path, cwd: Path) -> subprocess.Popen:
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(cwd / "artifacts"), "--workers", "1"],
-        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--artifacts-destination",
+            str(cwd / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert server.poll() is None, "mlflow server exited"
@@ -64,8 +81,17 @@ def kill_server(server: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_a_tracking_server_lost_for_good_costs_one_bounded_wait_and_the_same_command_logs_the_rest(tmp_path):
     port, store = free_port(), tmp_path / "server.db"
-    command = [sys.executable, "-m", "runner", *TINY, f"trainer.epochs={EPOCHS}", "trainer.checkpoint_min_seconds=0",
-               f"tracking.uri=http://127.0.0.1:{port}", "tracking.wait_s=5", "hydra.run.dir=run"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "runner",
+        *TINY,
+        f"trainer.epochs={EPOCHS}",
+        "trainer.checkpoint_min_seconds=0",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        "tracking.wait_s=5",
+        "hydra.run.dir=run",
+    ]
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
     server = start_server(port, store, tmp_path)
     try:

@@ -158,7 +158,8 @@ def test_help_lists_the_config_groups(tmp_path):
         "optimizer": "adam, adamw, asgd, sgd",
         "scheduler": "chained, constant, cosine, cosine_restarts, exponential, lambda, linear, multistep, onecycle, plateau, sequential, step, warmup_cosine",
         "model": "cnn, linear, mlp, resnet18",
-        "data": "cifar10, digits, fake, fashion_mnist, mnist, regression",
+        "data": "cifar10, csv, custom, digits, fake, fashion_mnist, image_folder, mnist, regression",
+        "loss": "auto, bce_with_logits, cross_entropy, huber, l1, mse",
     }.items():
         assert f"{group}: {options}" in result.stdout, result.stdout
 

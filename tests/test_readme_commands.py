@@ -30,11 +30,13 @@ COMMAND_WORDS = ("python", "torchrun", "mlflow", "pip", "pytest", "mkdir", "prin
 EXCLUDED: dict[str, str] = {
     "pip install": "installs into the environment under test; CI runs the set-up itself (.ci/run)",
     "pytest": "this is the test suite itself",
+    "ruff format --check": "checks this repository's code, not the user's folder; .ci/run runs it on the checkout",
     "mlflow ui": "a server that runs until stopped; tests/test_sweeps.py runs a real `mlflow server` and checks it answers",
     "hydra/launcher=slurm": "needs a real SLURM cluster (sbatch); the submitit path is tested with the local executor",
     "--nnodes=2": "several machines (--master_addr=HOST0)",
     "torchrun --standalone --nproc_per_node=4": "four GPUs; two-process torchrun on the CPU runs below and in "
     "tests/test_distributed.py",
+    "tail -f": "follows a running SLURM job's log until Ctrl-C; tests/test_slurm.py reads those logs",
     "echo $?": "a transcript line that prints the exit status of the command before it in the same terminal",
 }
 # Commands the README shows failing on purpose, outside the "Bad input" section, and what they exit with.

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from runner.errors import ConfigError, UserCodeError, is_users_code
-from runner.targets import build_node, node_arguments, resolve_target
+from runner.targets import build_node, node_arguments, qualified_name, resolve_target
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,8 +69,8 @@ def build_loss(node: DictConfig, task: str) -> Loss:
 
 
 def loss_name(loss: Loss) -> str:
-    kind = loss if inspect.isfunction(loss) else type(loss)
-    return f"{kind.__module__}.{kind.__qualname__}"
+    """A function's own dotted name, or a loss module's class's."""
+    return qualified_name(loss if inspect.isfunction(loss) else type(loss))
 
 
 def check_loss_fits(loss: Loss, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:

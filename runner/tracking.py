@@ -126,7 +126,33 @@ def _creating_store(uri: str | None):
     from runner.locks import locked
 
     with locked(database.with_name(f"{database.name}.lock")):
+        if not database.exists():
+            _create_store_atomically(database)
         yield
+
+
+def _create_store_atomically(database: Path) -> None:
+    """Create a SQLite store under a temporary name and rename it into place, holding the store's lock.
+
+    MLflow creates a store's tables in a series of migrations; a process killed among them (a kill -9 while the
+    persist thread opens MLflow, seconds into training) leaves a store no later launch can open ("table
+    _alembic_tmp_endpoints already exists"). Renamed into place only once complete, a store is whole or absent.
+    """
+    from mlflow import MlflowClient
+
+    _quiet_mlflow_loggers()
+    for leftover in database.parent.glob(f".{database.name}.creating-*"):  # a creation killed midway
+        leftover.unlink(missing_ok=True)
+    creating = database.with_name(f".{database.name}.creating-{os.getpid()}")
+    with _store_errors(f"sqlite:///{database}"):
+        MlflowClient(tracking_uri=f"sqlite:///{creating}").search_experiments(max_results=1)  # runs the migrations
+        os.replace(creating, database)
+
+
+def _quiet_mlflow_loggers() -> None:
+    """MLflow sets its loggers to INFO on import; its schema-migration chatter is not the user's business."""
+    for noisy in ("alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def open_client(uri: str | None):
@@ -138,9 +164,7 @@ def open_client(uri: str | None):
     import mlflow
     from mlflow import MlflowClient
 
-    # MLflow sets its loggers to INFO on import; its schema-migration chatter is not the user's business.
-    for noisy in ("alembic", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_mlflow_loggers()
     uri = uri or mlflow.get_tracking_uri()
     check_store_reachable(uri)
     with _store_errors(uri):

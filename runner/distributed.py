@@ -46,6 +46,7 @@ class Distributed:
     world_size: int = 1
     backend: str | None = None  # None: one process, no process group
     control: Any = None  # a Gloo group for small CPU-side messages when the gradients go through NCCL
+    raised_together: bool = False  # every rank raised rank 0's error at the same ``share``: they can leave together
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +78,7 @@ class Distributed:
         dist.broadcast_object_list(payload, src=0, group=self.control)
         ok, value = payload[0]
         if not ok:
+            self.raised_together = True
             raise value if self.is_main else ReportedByRankZero(value)
         return value
 

@@ -16,7 +16,7 @@ from runner.build import build_everything
 from runner.config import check_settings
 from runner.device import seed_everything
 from runner.distributed import Distributed, adopt_submitit_tasks, start_distributed
-from runner.errors import Stopped
+from runner.errors import RunnerError, Stopped
 from runner.launch import RunContext, RunSettings, decide_launch, refuse_sweep_under_torchrun
 from runner.resume import adopt_run_dir
 from runner.session import TrainingSession
@@ -37,7 +37,11 @@ def run(cfg: DictConfig, context: RunContext) -> float | None:
     except Stopped:
         ranks.close()  # every rank stopped after the same step and leaves together
         raise
-    ranks.close()  # not on an error: another rank may still wait on this one, and torchrun stops them all
+    except RunnerError:
+        if ranks.raised_together:  # rank 0's error, shared: no rank is left waiting in a collective
+            ranks.close()
+        raise
+    ranks.close()  # not on another error: a rank may still wait on this one, and torchrun stops them all
     return result
 
 

@@ -198,9 +198,11 @@ class TrainingSession:
             elif self.tracker.opened:  # KILLED: stopped, to be resumed (a Ctrl-C at once, a checkpoint not written)
                 self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt | NotFinished) else "FAILED")
             raise
-        if lost is not None:
+        try:
+            self.ranks.share(lambda: self._raise_if_behind(lost))  # on every rank, so all leave their group together
+        except NotFinished:
             flag.uninstall()
-            raise self._tracking_behind(lost)
+            raise
         if not completed:
             flag.uninstall()
             if self.tracker.opened:
@@ -255,11 +257,15 @@ class TrainingSession:
             self.checkpoint()
         return self.stopped_by is not None
 
-    def checkpoint(self) -> Path | None:
-        """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0)."""
+    def checkpoint(self) -> Path:
+        """Write a checkpoint of where training stands, then have the epochs it holds logged (on rank 0).
+
+        Under DDP every rank gets the path, or rank 0's failure to write (a full disk): all stop at the same step.
+        """
         state = self.state.state_dict()  # every rank: the RNG streams are gathered
-        if not self.ranks.is_main:
-            return None
+        return self.ranks.share(lambda: self._write_checkpoint(state))
+
+    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
         path = save_checkpoint(
             self.record.run_dir, {**state, **self.checkpoint_header()}, self.trainer.keep_checkpoints
         )
@@ -297,13 +303,19 @@ class TrainingSession:
             return err
         return None
 
-    def _tracking_behind(self, err: Exception) -> TrackingBehind:
-        """The one line for a run whose checkpoint holds epochs MLflow lacks; runner.json stays unfinished, so the
-        same command resumes from the last checkpoint, trains nothing more and logs them."""
+    def _raise_if_behind(self, err: Exception | None) -> None:
+        """Raise the one line for a run whose checkpoint holds epochs MLflow lacks, if it does; runner.json stays
+        unfinished, so the same command resumes from the last checkpoint, trains nothing more and logs them."""
+        if err is None:
+            return
         missing = len(self.history.epochs) - len(self.tracker.logged.get("lr", ()))
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return TrackingBehind(
-            f"MLflow at {self.tracker.uri} stopped answering ({reason}); {missing} epoch(s) of "
-            f"{self.record.run_dir} are not in MLflow yet, though checkpointed. Run the same command again, with "
-            f"the tracking server up, to log them."
+        uri = self.tracker.uri
+        if str(uri).startswith(("http://", "https://")):
+            what, fix = f"MLflow at {uri} stopped answering", "with the tracking server up"
+        else:  # a local store: a full disk, a locked or unwritable database, not a server gone away
+            what, fix = f"logging to MLflow at {uri} failed", "once the store is writable again"
+        raise TrackingBehind(
+            f"{what} ({reason}); {missing} epoch(s) of {self.record.run_dir} are not in MLflow yet, though "
+            f"checkpointed. Run the same command again, {fix}, to log them."
         )

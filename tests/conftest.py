@@ -179,3 +179,32 @@ def assert_logged_once_as(uri: str, reference: dict, epochs: int, steps_per_epoc
     assert lr_steps == reference["history"]["lr_steps"] and sorted(lr_steps) == list(
         range(0, epochs * steps_per_epoch, 5)
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 4 MiB filesystem (tmpfs), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` with one file, then give back ``leave`` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\1" * 4096)
+        except OSError:  # ENOSPC: full
+            pass
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler

@@ -4,12 +4,11 @@ real files in the run directory (a folder, a FIFO, an empty file with a checkpoi
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlflow_runs, run_runner
+from conftest import fill, mlflow_runs, run_runner
 
 from runner.checkpoint import CHECKPOINT_DIR, list_checkpoints, prune_checkpoints, save_checkpoint
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
@@ -28,35 +27,6 @@ def launch(cwd: Path, *overrides: str, stop_at: int | None = None, run_dir: Path
         env=env,
         timeout=180,
     )
-
-
-@pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A real 4 MiB filesystem (tmpfs), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` with one file, then give back ``leave`` bytes."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"\1" * 4096)
-        except OSError:  # ENOSPC: full
-            pass
-    os.truncate(filler, filler.stat().st_size - leave)
-    return filler
 
 
 @pytest.mark.slow

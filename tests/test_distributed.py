@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
+from conftest import assert_logged_once_as, assert_same_result, fill, mlflow_runs, run_runner
 from torch.utils.data import DistributedSampler
 
 from runner.checkpoint import list_checkpoints
@@ -291,3 +291,16 @@ def test_each_task_of_a_submitit_job_with_two_tasks_gets_one_thread_as_torchrun_
     executor.update_parameters(tasks_per_node=2, timeout_min=5)
     job = executor.submit(_threads_after_adopting_the_tasks)
     assert job.results() == [(1, "1"), (1, "1")]
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_ddp_stops_both_ranks_with_rank_zeros_one_line_and_no_crash(tmp_path, small_disk):
+    """Only rank 0 writes checkpoints; its failure is shared, so rank 1 does not train on into a collective rank 0
+    has left (Gloo's "Connection closed by peer" and a traceback) and both leave their group together."""
+    fill(small_disk, leave=48 * 1024)  # room for Hydra's files, the log and runner.json, none for a checkpoint
+    result = torchrun(tmp_path, *BASE, "trainer.strategy=ddp", f"hydra.run.dir={small_disk / 'run'}")
+    assert result.returncode != 0
+    (line,) = runner_lines(result.stderr, "could not write checkpoint")  # rank 0 speaks, once
+    assert "epoch-0001-step-00000045.pt" in line and "Free some space and run the same command again" in line
+    assert "exitcode  : 75" in result.stderr  # torchrun's report: not a crash
+    assert "Connection closed by peer" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]

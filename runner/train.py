@@ -177,7 +177,8 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
 
 @torch.no_grad()
 def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
-    """The mean loss and every metric over the split (over every rank's shard under DDP; torchmetrics syncs)."""
+    """The mean loss and every metric over the split (over every rank's shard under DDP: counts the runner keeps are
+    summed with the loss in one host sync; torchmetrics syncs its own)."""
     if loop.ranks is not None:
         loop.ranks.sync_buffers(loop.model)
     loop.model.eval()
@@ -192,9 +193,15 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
         samples += len(targets)
         for metric in loop.metrics.values():
             metric.update(*metric_inputs(outputs, targets))
-    loss_total, samples = _summed(loop, loss_sum, samples)
+    counted = {name: metric for name, metric in loop.metrics.items() if hasattr(metric, "totals")}
+    loss_total, samples, *totals = _summed(loop, loss_sum, samples, *(t for m in counted.values() for t in m.totals()))
     values = {f"{split}_loss": loss_total / max(samples, 1)}
-    values.update({f"{split}_{name}": float(metric.compute()) for name, metric in loop.metrics.items()})
+    for name, metric in loop.metrics.items():
+        if name in counted:
+            count = len(metric.totals())
+            values[f"{split}_{name}"], totals = metric.from_totals(*totals[:count]), totals[count:]
+        else:
+            values[f"{split}_{name}"] = float(metric.compute())  # a torchmetrics.Metric: syncs over the ranks itself
     return values
 
 

@@ -124,5 +124,18 @@ def _lines(err: BaseException) -> list[str]:
     return parts
 
 
+def end_quickly() -> None:
+    """Spare the process the garbage collection of everything torch, MLflow and SQLAlchemy made (about 1.7 s of
+    CPU at exit on a 2-core machine): the objects left are frozen, so the interpreter's final collections skip
+    them. Only here, where the process really ends, after the run has closed its files, its MLflow run and its
+    process group; ``atexit`` handlers (logging's flush among them) still run."""
+    import gc
+
+    gc.freeze()
+
+
 if __name__ == "__main__":
-    entry()
+    try:
+        entry()
+    finally:
+        end_quickly()

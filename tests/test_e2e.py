@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONF, metric_series, mlflow_runs, run_runner
+
+from runner.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
 
@@ -28,6 +31,11 @@ def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_direc
     log = (run_dir / "runner.log").read_text()
     assert "epoch 3/3 lr 0.06" in log and "val_accuracy" in log
     assert logged.data.tags["run_dir"] == str(run_dir.resolve())
+    # Nothing lost on the way out, which skips the final garbage collection (runner.__main__.end_quickly): the log
+    # holds its last lines, MLflow the finished run with every epoch, the last checkpoint says it is the end.
+    assert f"MLflow run {logged.info.run_id}" in log
+    assert logged.info.status == "FINISHED" and len(metric_series(client, logged.info.run_id, "val_accuracy")) == 3
+    assert torch.load(list_checkpoints(run_dir)[-1], weights_only=True)["finished"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,101 @@
+"""What a run costs as a user lives it: whole processes, the runner's default job (checkpoints and MLflow on)
+against bench/plain_script.py, the same model, data, optimizer, schedule and seed written by hand.
+
+    python bench/whole_process.py [--repeats 3] [--short 5] [--long 205] [--sweep]
+
+Each figure is the median over repeats; runner and plain script alternate (ABBA) so machine noise falls on both.
+One thread each (OMP_NUM_THREADS=1), a warm MLflow store (created by an untimed first run, as a user's second run
+finds it). Prints:
+- fixed cost: t_runner(short) - t_plain(short), the seconds a run costs beyond the script;
+- per epoch: (t_runner(long) - t_runner(short)) / (t_plain(long) - t_plain(short));
+- with --sweep, a 4-job joblib sweep of short runs against 4 plain scripts one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ROOT / "bench" / "plain_script.py"
+
+
+def wall(command: list[str], cwd: Path) -> float:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def runner(epochs: int) -> list[str]:
+    return [sys.executable, "-m", "runner", f"trainer.epochs={epochs}", "resume=never"]
+
+
+def plain(epochs: int) -> list[str]:
+    return [sys.executable, str(PLAIN), str(epochs)]
+
+
+def paired(repeats: int, epochs: int, cwd: Path) -> tuple[float, float]:
+    """Median wall seconds of the runner and of the plain script for ``epochs``, in ABBA order."""
+    times: dict[str, list[float]] = {"runner": [], "plain": []}
+    for i in range(repeats):
+        order = ("runner", "plain") if i % 2 == 0 else ("plain", "runner")
+        for side in order:
+            times[side].append(wall(runner(epochs) if side == "runner" else plain(epochs), cwd))
+    return statistics.median(times["runner"]), statistics.median(times["plain"])
+
+
+def sweep_cost(cwd: Path, epochs: int) -> tuple[float, float]:
+    """A 4-job joblib sweep of ``epochs``-epoch runs, and the 4 plain scripts run one after another."""
+    sweep = [
+        sys.executable,
+        "-m",
+        "runner",
+        "-m",
+        "hydra/launcher=joblib",
+        f"trainer.epochs={epochs}",
+        "resume=never",
+        "trainer.seed=0,1,2,3",
+    ]
+    swept = wall(sweep, cwd)
+    plain_total = sum(wall(plain(epochs), cwd) for _ in range(4))
+    return swept, plain_total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--short", type=int, default=5)
+    parser.add_argument("--long", type=int, default=205)
+    parser.add_argument("--sweep", action="store_true", help="also time a 4-job joblib sweep")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        cwd = Path(folder)
+        wall(runner(1), cwd)  # creates the MLflow store, as a user's first run does
+        short_runner, short_plain = paired(args.repeats, args.short, cwd)
+        long_runner, long_plain = paired(args.repeats, args.long, cwd)
+        per_epoch = (long_runner - short_runner) / (long_plain - short_plain)
+        print(f"{args.short} epochs: runner {short_runner:.2f} s, plain script {short_plain:.2f} s")
+        print(f"{args.long} epochs: runner {long_runner:.2f} s, plain script {long_plain:.2f} s")
+        print(f"fixed cost: {short_runner - short_plain:+.2f} s (target <= 1.5 s)")
+        print(f"per epoch: runner/plain {per_epoch:.3f} (target <= 1.05)")
+        if args.sweep:
+            swept, plain_total = sweep_cost(cwd, args.short)
+            print(
+                f"4-job joblib sweep of {args.short}-epoch runs: {swept:.2f} s, 4 plain scripts {plain_total:.2f} s: "
+                f"{(swept - plain_total) / 4:+.2f} s per job"
+            )
+
+
+if __name__ == "__main__":
+    main()

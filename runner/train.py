@@ -191,8 +191,8 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
         outputs = loop.outputs(inputs).float()
         loss_sum += loop.loss(outputs, targets) * len(targets)
         samples += len(targets)
-        for metric in loop.metrics.values():
-            metric.update(*metric_inputs(outputs, targets))
+        for name, metric in loop.metrics.items():
+            _update(name, metric, *metric_inputs(outputs, targets))
     counted = {name: metric for name, metric in loop.metrics.items() if hasattr(metric, "totals")}
     loss_total, samples, *totals = _summed(loop, loss_sum, samples, *(t for m in counted.values() for t in m.totals()))
     values = {f"{split}_loss": loss_total / max(samples, 1)}
@@ -203,6 +203,18 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
         else:
             values[f"{split}_{name}"] = float(metric.compute())  # a torchmetrics.Metric: syncs over the ranks itself
     return values
+
+
+def _update(name: str, metric: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """One batch into one metric; the user's own torchmetrics.Metric failing is their error, shown with their frames."""
+    try:
+        metric.update(outputs, targets)
+    except UserCodeError:
+        raise
+    except Exception as err:
+        if not is_users_code(metric):
+            raise
+        raise UserCodeError(f"the metric {name} ({type(metric).__name__}) raised {type(err).__name__}: {err}") from err
 
 
 def metric_inputs(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

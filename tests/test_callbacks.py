@@ -127,3 +127,30 @@ def test_a_callback_switched_off_in_a_sweep_is_left_out(make_config):
     assert list(build_callbacks(cfg).callbacks) == ["stop"]
     assert build_callbacks(make_config("+callbacks.stop=null")).callbacks == {}
     assert build_callbacks(cfg).callbacks["stop"].higher_is_better is False  # val_loss: lower is better, from the table
+
+
+def test_a_users_torchmetrics_metric_that_raises_shows_its_frames_and_names_the_metric(tmp_path):
+    (tmp_path / "my_metrics.py").write_text(
+        textwrap.dedent("""
+        import torch
+        import torchmetrics
+
+        class Broken(torchmetrics.Metric):
+            higher_is_better = True
+
+            def __init__(self, num_classes=None):
+                super().__init__()
+                self.add_state("total", default=torch.zeros(()), dist_reduce_fx="sum")
+
+            def update(self, outputs, targets):
+                raise KeyError("my metric broke")
+
+            def compute(self):
+                return self.total
+    """)
+    )
+    result = launch(tmp_path, "metrics=[accuracy,{_target_: my_metrics.Broken, name: broken}]")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: the metric broken (Broken) raised KeyError: 'my metric broke'" in result.stderr
+    assert "my_metrics.py" in result.stderr and 'raise KeyError("my metric broke")' in result.stderr
+    assert "runner/train.py" not in result.stderr

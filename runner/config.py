@@ -44,6 +44,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     strategy: str = "auto"  # auto (DDP when started by torchrun) | ddp | single
     backend: str = "auto"  # DDP's process group: auto (NCCL on CUDA, Gloo on the CPU) | nccl | gloo
+    detect_nonfinite: bool = True  # a NaN or infinite training loss ends the run (checked once per epoch: no sync)
 
 
 @dataclass

@@ -49,6 +49,13 @@ class Stopped(RunnerError):
         self.hand_over = hand_over
 
 
+class Diverged(RunnerError):
+    """The training loss became NaN or infinite (or an optimizer step overflowed): the run is over, FAILED, its last
+    good checkpoint kept; ``runner.json`` says so, and the same command refuses rather than resume into it."""
+
+    exit_code = 1
+
+
 class UserCodeError(RunnerError):
     """The user's own code (data function, loss, metric, callback) raised: reported with its traceback frames and
     the hook it came from, since that is the user's bug to see."""

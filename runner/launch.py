@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import checkpoint_fingerprint, list_checkpoints, load_checkpoint, load_newest_valid
-from runner.errors import ConfigError
+from runner.errors import ConfigError, Diverged
 from runner.locks import locked
 from runner.resume import (
     RUN_RECORD,
@@ -100,6 +100,7 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
 
     Raises:
         RunInUse: the run this launch would continue is being trained by another process.
+        Diverged: the run this launch would continue diverged (resume=never trains the config afresh).
     """
     check_store_reachable(cfg.tracking.uri)  # MLflow itself opens once training has started
     with _decision_locks(cfg, context):
@@ -107,6 +108,12 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         if launch.record is not None and launch.record.finished and cfg.resume == "auto":
             launch.finished = True
             return launch
+        if launch.record is not None and launch.record.diverged and cfg.resume != "never":
+            raise Diverged(
+                f"{launch.record.run_dir} diverged: {launch.record.diverged.removeprefix('training diverged: ')}. "
+                f"Resuming it would diverge again; lower optimizer.lr (a changed config is a new run), or add "
+                f"resume=never to train this config afresh."
+            )
         launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
         hold_run_dir(launch.record.run_dir)
         if launch.checkpoint is None and cfg.resume == "auto":

@@ -40,6 +40,7 @@ OPERATIONAL_KEYS = (
     "trainer.keep_checkpoints",
     "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
     "trainer.backend",
+    "trainer.detect_nonfinite",  # changes nothing in a run that stays finite
 )
 
 
@@ -72,6 +73,7 @@ class RunRecord:
     finished: bool = False
     final_val_loss: float | None = None
     created: float = 0.0
+    diverged: str | None = None  # what the divergence was: the same command then refuses instead of resuming
 
     def save(self) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
@@ -115,6 +117,7 @@ _FIELD_TYPES = {
     "finished": (bool,),
     "final_val_loss": (int, float, type(None)),
     "created": (int, float),
+    "diverged": (str, type(None)),
 }
 
 

@@ -21,14 +21,14 @@ from runner.checkpoint import StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, NotFinished, Stopped, TrackingBehind
+from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind
 from runner.launch import Launch, RunContext, RunSettings
 from runner.persist import Persister
 from runner.resume import RunRecord
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
 from runner.tracking import Tracker, git_commit
-from runner.train import EpochResult, Loop, Progress, train
+from runner.train import EpochResult, Loop, Progress, check_finite, train
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
         scheduler_per_batch=built.plan.stepped_per_batch,
         monitor=built.plan.monitor,
         log_lr_every=cfg.tracking.log_every_n_steps,
+        detect_nonfinite=trainer.detect_nonfinite,
     )
 
 
@@ -193,6 +194,8 @@ class TrainingSession:
             lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
             flag.uninstall()
+            if isinstance(err, Diverged):
+                self._record_divergence(err)
             if (lost := self._wait_for_tracking()) is not None:
                 log.warning(f"while stopping on an error, logging to MLflow also failed: {lost}")
             elif self.tracker.opened:  # KILLED: stopped, to be resumed (a Ctrl-C at once, a checkpoint not written)
@@ -262,6 +265,9 @@ class TrainingSession:
 
         Under DDP every rank gets the path, or rank 0's failure to write (a full disk): all stop at the same step.
         """
+        if self.progress.batch:  # mid-epoch (a stop, checkpoint_every_steps): never a checkpoint of a diverged model
+            loss_sum, samples = self.ranks.sum([self.progress.loss_sum, self.progress.samples])
+            check_finite(self.loop, self.progress, loss_sum / max(samples, 1))
         state = self.state.state_dict()  # every rank: the RNG streams are gathered
         return self.ranks.share(lambda: self._write_checkpoint(state))
 
@@ -284,6 +290,14 @@ class TrainingSession:
             "torch_version": str(torch.__version__),
             "runner_version": __version__,
         }
+
+    def _record_divergence(self, err: Diverged) -> None:
+        """runner.json says the run diverged, so the same command refuses instead of resuming into it. Every rank
+        raised it at the same step, from losses summed over the ranks: they leave their group together."""
+        self.ranks.raised_together = True
+        if self.ranks.is_main:
+            self.record.diverged = str(err).split(". The last good checkpoint")[0]
+            self.record.save()
 
     def _log(self, epochs: list[tuple[int, dict[str, float], dict[int, float]]], partial: dict[int, float]) -> None:
         self.tracker.log_epochs([(epoch, metrics) for epoch, metrics, _ in epochs])

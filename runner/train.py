@@ -9,6 +9,7 @@ wrapped model and sums its losses and metrics over the ranks at the end of each 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,11 +18,15 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from runner.errors import UserCodeError, is_users_code
+from runner.errors import Diverged, UserCodeError, is_users_code
 
 log = logging.getLogger(__name__)
 
 PROGRESS_REFRESH_SECONDS = 0.5
+DIVERGED_FIX = (
+    "The last good checkpoint is kept and this run will not be resumed; lower optimizer.lr (a changed config is a "
+    "new run), or add resume=never to train this config afresh."
+)
 
 
 class Batches(Protocol):
@@ -72,6 +77,7 @@ class Loop:
     log_lr_every: int = 0  # record the LR every this many global steps (0: never)
     train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # DistributedDataParallel, for training steps
     ranks: Ranks | None = None  # under DDP: sums over the ranks
+    detect_nonfinite: bool = True  # a NaN or infinite epoch training loss raises Diverged
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         try:
@@ -129,6 +135,33 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
+def _optimizer_step(loop: Loop, progress: Progress) -> None:
+    """``optimizer.step()``; an LR too large for the parameters' type (lr=1e300) is a divergence, not a traceback."""
+    try:
+        loop.optimizer.step()
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        raise Diverged(
+            f"training diverged: the optimizer step overflowed at epoch {progress.epoch + 1}/{loop.epochs}, step "
+            f"{progress.global_step + 1} (lr {_lrs(loop.optimizer)}: {err}). {DIVERGED_FIX}"
+        ) from None
+
+
+def check_finite(loop: Loop, progress: Progress, train_loss: float) -> None:
+    """Raise Diverged for a NaN or infinite training loss (``trainer.detect_nonfinite``), before the epoch counts."""
+    if loop.detect_nonfinite and not math.isfinite(train_loss):
+        first, last = progress.global_step - progress.batch + 1, progress.global_step
+        raise Diverged(
+            f"training diverged: the training loss is {train_loss} over epoch {progress.epoch + 1}/{loop.epochs} "
+            f"(steps {first}-{last}, lr now {_lrs(loop.optimizer)}). {DIVERGED_FIX}"
+        )
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> str:
+    return ", ".join(f"{lr:.4g}" for lr in current_lrs(optimizer))
+
+
 def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., bool]) -> bool:
     """Run the rest of ``progress.epoch``'s optimizer steps; False if a stop was asked for part-way."""
     loop.model.train()
@@ -153,7 +186,7 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
             loss = loop.loss(loop.outputs(inputs, training=True), targets)
             if loop.scaler is None:
                 loss.backward()
-                loop.optimizer.step()
+                _optimizer_step(loop, progress)
             else:
                 loop.scaler.scale(loss).backward()
                 loop.scaler.step(loop.optimizer)  # skipped when the scaled gradients overflowed
@@ -253,6 +286,7 @@ def train(
             return False
         result = EpochResult(progress.epoch, list(progress.epoch_lrs), lr_steps=dict(progress.lr_steps))
         loss_sum, samples = _summed(loop, progress.loss_sum, progress.samples)
+        check_finite(loop, progress, loss_sum / max(samples, 1))
         result.metrics["train_loss"] = loss_sum / max(samples, 1)
         if not loop.scheduler_per_batch and loop.monitor is None:
             loop.scheduler.step()

@@ -42,6 +42,7 @@ EXCLUDED: dict[str, str] = {
 # Commands the README shows failing on purpose, outside the "Bad input" section, and what they exit with.
 EXPECTED_EXIT = {
     "python -m runner tracking.uri=http://127.0.0.1:5000 tracking.experiment=schedules": 2,  # no server here: refused
+    "python -m runner optimizer.lr=1e30": 1,  # diverges: the "What the runner promises" example
 }
 # torchrun reports a worker's failure with its own exit status, 1.
 TORCHRUN_FAILURE = 1

@@ -1,0 +1,96 @@
+"""How a run ends when training goes wrong: a NaN or infinite loss stops it in one line, FAILED, exit 1, its last
+good checkpoint untouched, and the same command refuses to resume into it. Real ``python -m runner`` processes,
+a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import metric_series, mlflow_runs, run_runner
+
+from runner.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
+
+BASE = ["trainer.epochs=4", "trainer.device=cpu", "trainer.progress_bar=false", "trainer.checkpoint_min_seconds=0"]
+# The LR multiplied by 1e12 from the third epoch on: epochs 1 and 2 train, epoch 3's loss becomes NaN.
+BLOWS_UP_IN_EPOCH_3 = ["scheduler=lambda", "scheduler.lr_lambda='1 if epoch < 2 else 1e12'"]
+DIVERGED_FIX = "The last good checkpoint is kept and this run will not be resumed"
+
+
+def launch(tmp_path, *overrides: str, run_dir: str = "run"):
+    return run_runner(
+        *BASE, *overrides, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "[runner][ERROR] - error:" in line]
+
+
+def test_a_loss_that_becomes_nan_ends_the_run_failed_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = launch(tmp_path, *BLOWS_UP_IN_EPOCH_3)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "training diverged: the training loss is nan over epoch 3/4 (steps 91-135, lr now 1e+11)" in line
+    assert DIVERGED_FIX in line and "epoch 3/4 lr" not in result.stderr  # the diverged epoch is not reported as one
+
+    run_dir = tmp_path / "run"
+    checkpoints = list_checkpoints(run_dir)
+    assert [p.name for p in checkpoints] == ["epoch-0001-step-00000045.pt", "epoch-0002-step-00000090.pt"]
+    last = torch.load(checkpoints[-1], weights_only=True)
+    assert all(torch.isfinite(tensor).all() for tensor in last["model"].values())
+    record = json.loads((run_dir / "runner.json").read_text())
+    assert record["diverged"].startswith("training diverged: the training loss is nan over epoch 3/4")
+    assert not record["finished"]
+
+    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert logged.info.status == "FAILED"
+    assert len(metric_series(client, logged.info.run_id, "train_loss")) == 2  # the good epochs, each once
+    assert all(math.isfinite(value) for value in metric_series(client, logged.info.run_id, "train_loss"))
+
+    again = launch(tmp_path, *BLOWS_UP_IN_EPOCH_3)
+    assert again.returncode == 1 and "training on" not in again.stderr, again.stderr[-2000:]
+    (line,) = error_lines(again.stderr)
+    assert "run diverged: the training loss is nan over epoch 3/4" in line
+    assert "Resuming it would diverge again" in line and "resume=never" in line
+    assert list_checkpoints(run_dir) == checkpoints  # nothing written, nothing pruned
+
+    fresh = launch(tmp_path, *BLOWS_UP_IN_EPOCH_3, "resume=never", run_dir="fresh")
+    assert "training on cpu in" in fresh.stderr and fresh.returncode == 1  # trains afresh (and diverges again)
+
+
+def test_a_divergence_mid_epoch_is_never_written_into_a_mid_epoch_checkpoint(tmp_path):
+    """checkpoint_every_steps writes between epoch ends; the loss summed so far is checked before each write."""
+    result = launch(
+        tmp_path,
+        "scheduler=lambda",
+        "scheduler.interval=step",
+        "scheduler.lr_lambda='1 if step < 100 else 1e12'",
+        "trainer.checkpoint_every_steps=30",
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    assert "the training loss is nan over epoch 3/4 (steps 91-120, lr now 1e+11)" in line
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert newest.name == "epoch-0002-step-00000090.pt"
+
+
+def test_an_lr_that_overflows_the_first_step_is_the_same_one_line(tmp_path):
+    result = launch(tmp_path, "optimizer.lr=1e300")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "training diverged: the optimizer step overflowed at epoch 1/4, step 1 (lr 1e+300" in line
+    assert DIVERGED_FIX in line
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_detect_nonfinite_false_lets_a_nan_run_finish_as_before(tmp_path):
+    result = launch(tmp_path, "optimizer.lr=1e30", "trainer.detect_nonfinite=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch 4/4 lr 1e+30 train_loss nan" in result.stderr

@@ -45,6 +45,9 @@ class TrainerConfig:
     strategy: str = "auto"  # auto (DDP when started by torchrun) | ddp | single
     backend: str = "auto"  # DDP's process group: auto (NCCL on CUDA, Gloo on the CPU) | nccl | gloo
     detect_nonfinite: bool = True  # a NaN or infinite training loss ends the run (checked once per epoch: no sync)
+    monitor: str = "val_loss"  # the logged value that picks the best epoch (checkpoints/best.pt)
+    monitor_mode: str | None = None  # min | max; None: the metric's own direction (runner.metrics)
+    keep_best: int = 1  # best.pt, best-2.pt, ..., best-K.pt: never pruned by keep_checkpoints
 
 
 @dataclass

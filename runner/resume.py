@@ -41,6 +41,9 @@ OPERATIONAL_KEYS = (
     "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
     "trainer.backend",
     "trainer.detect_nonfinite",  # changes nothing in a run that stays finite
+    "trainer.monitor",  # which epochs' models are kept as best, not what is trained
+    "trainer.monitor_mode",
+    "trainer.keep_best",
 )
 
 

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from runner import __version__
+from runner.best import BestCheckpoints, monitor_direction, save_best
 from runner.build import Built
 from runner.checkpoint import StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
@@ -98,9 +99,12 @@ class TrainingSession:
         self.state.register("ranks", RankStreams(self.progress, ranks))  # after progress: it sets the running loss
         self.state.register("history", self.history)
         self.state.register("callbacks", built.callbacks)
+        higher = monitor_direction(cfg.trainer.monitor, cfg.trainer.monitor_mode, built.metrics)
+        self.best = BestCheckpoints(cfg.trainer.monitor, higher, cfg.trainer.keep_best, record.run_dir)
+        self.state.register("best", self.best, optional=True)  # optional: checkpoints from before it existed
         self.state.register("data", built.data)  # its classes and what was fitted on the training split
         self.state.register("tracking", record)
-        self.callbacks, self.data = built.callbacks, built.data
+        self.callbacks, self.data, self.model = built.callbacks, built.data, built.model
         self.stopped_by: str | None = None  # the callback that ended training early
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
         self.tracking_wait_s = cfg.tracking.wait_s
@@ -243,6 +247,8 @@ class TrainingSession:
         metrics = epoch_metrics(result)
         self.history.record(metrics, result.lr_steps)
         self.unlogged.append((result.epoch, metrics, result.lr_steps))
+        if self.ranks.is_main and self.best.offer(result.epoch + 1, metrics, self._write_best) == 1:
+            result.note = f"best {self.best.monitor} so far"
         asked = self.callbacks.on_epoch_end(result.epoch, metrics)  # before the checkpoint, which holds their state
         self.stopped_by = self.ranks.share(lambda: asked)  # rank 0's callbacks decide for all
         epoch, trainer = self.progress.epoch, self.trainer
@@ -280,6 +286,12 @@ class TrainingSession:
         partial = dict(self.progress.lr_steps)  # a stopped epoch's steps so far; its checkpoint holds them too
         self.persister.submit(lambda: self._log(epochs, partial))
         return path
+
+    def _write_best(self, path: Path) -> None:
+        """A best file: the model and the data's fitted state, described like a checkpoint (runner.best)."""
+        value = self.history.epochs[-1][self.best.monitor]
+        bundle = {"model": self.model.state_dict(), "data": self.data.state_dict(), "epoch": self.progress.epoch}
+        save_best(path, {**bundle, "monitor": {"name": self.best.monitor, "value": value}, **self.checkpoint_header()})
 
     def checkpoint_header(self) -> dict[str, Any]:
         """What a checkpoint says about itself besides the parts' state (runner.state.CHECKPOINT_KEYS)."""

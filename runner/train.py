@@ -50,10 +50,12 @@ class EpochResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     lr_steps: dict[int, float] = field(default_factory=dict)  # global step -> LR of group 0, every N steps if asked
+    note: str = ""  # set by the epoch's end handler: "best val_loss so far"
 
     def summary(self, epochs: int) -> str:
         values = " ".join(f"{key} {value:.4g}" for key, value in self.metrics.items())
-        return f"epoch {self.epoch + 1}/{epochs} lr {self.lrs[0]:.4g} {values} ({self.seconds:.2f}s)"
+        note = f", {self.note}" if self.note else ""
+        return f"epoch {self.epoch + 1}/{epochs} lr {self.lrs[0]:.4g} {values} ({self.seconds:.2f}s{note})"
 
 
 @dataclass
@@ -295,8 +297,9 @@ def train(
             loop.scheduler.step(result.metrics[loop.monitor])
         result.seconds = time.perf_counter() - started
         progress.finish_epoch()
+        ended = on_epoch_end(result)  # first: it may note the epoch as the best so far
         log.info(result.summary(loop.epochs))
-        if on_epoch_end(result):
+        if ended:
             return True
         if should_stop(progress.global_step, epoch_end=True) and progress.epoch < loop.epochs:
             return False

@@ -12,6 +12,7 @@ import torch
 from conftest import metric_series, mlflow_runs, run_runner
 
 from runner.checkpoint import list_checkpoints
+from runner.signals import FAULT_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
 
@@ -94,3 +95,59 @@ def test_detect_nonfinite_false_lets_a_nan_run_finish_as_before(tmp_path):
     result = launch(tmp_path, "optimizer.lr=1e30", "trainer.detect_nonfinite=false")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 4/4 lr 1e+30 train_loss nan" in result.stderr
+
+
+# An LR high enough that validation accuracy goes up and down, so the best epochs are not simply the last ones.
+OSCILLATING = ["trainer.epochs=10", "trainer.deterministic=true", "optimizer.lr=0.9", "trainer.checkpoint_every=3"]
+
+
+def best_files(run_dir) -> dict[str, dict]:
+    return {path.name: torch.load(path, weights_only=True) for path in sorted((run_dir / "checkpoints").glob("best*"))}
+
+
+def test_the_best_epochs_are_kept_apart_and_a_killed_run_keeps_the_same_ones(tmp_path):
+    keep = ["trainer.monitor=val_accuracy", "trainer.keep_best=6", "trainer.keep_checkpoints=1"]
+    whole = launch(tmp_path, *OSCILLATING, *keep, run_dir="whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = best_files(tmp_path / "whole")
+    final = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
+    accuracies = [epoch["val_accuracy"] for epoch in final["history"]["epochs"]]
+    ranked = sorted(range(10), key=lambda i: (-accuracies[i], i))[:6]  # best first, the earlier epoch on a tie
+    assert set(reference) == {"best.pt", *(f"best-epoch-{i + 1:04d}.pt" for i in ranked)}
+    assert reference["best.pt"]["epoch"] == ranked[0] + 1
+    assert (tmp_path / "whole/checkpoints/best.pt").samefile(
+        tmp_path / f"whole/checkpoints/best-epoch-{ranked[0] + 1:04d}.pt"
+    )
+    assert min(ranked) < 6 < max(ranked), "best epochs on both sides of the checkpoint the kill resumes from"
+    assert final["best"]["ranking"] == [[accuracies[i], i + 1] for i in ranked]
+    assert reference["best.pt"]["monitor"] == {"name": "val_accuracy", "value": accuracies[ranked[0]]}
+    notes = [line for line in whole.stderr.splitlines() if "best val_accuracy so far" in line]
+    assert len(notes) == sum(1 for i, a in enumerate(accuracies) if a > max(accuracies[:i], default=-1))
+
+    # kill -9 mid-epoch 9: the last checkpoint holds epoch 6, best files of epochs 7 and 8 are on disk already
+    overrides = [
+        *BASE,
+        *OSCILLATING,
+        *keep,
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "hydra.run.dir=killed",
+    ]
+    killed = run_runner(*overrides, cwd=tmp_path, env={FAULT_AT_STEP_ENV: "SIGKILL:380"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_runner(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0 and "from epoch-0006-step-00000270.pt" in resumed.stderr, resumed.stderr[-2000:]
+    again = best_files(tmp_path / "killed")
+    assert set(again) == set(reference)
+    resumed_final = torch.load(list_checkpoints(tmp_path / "killed")[-1], weights_only=True)
+    assert resumed_final["best"] == final["best"]  # the ranking came back with the checkpoint of epoch 6
+    for name in reference:
+        assert again[name]["epoch"] == reference[name]["epoch"] and again[name]["monitor"] == reference[name]["monitor"]
+        for key, tensor in reference[name]["model"].items():
+            assert torch.equal(again[name]["model"][key], tensor), (name, key)
+
+
+def test_a_monitor_the_run_does_not_log_is_one_line_before_training(tmp_path):
+    result = launch(tmp_path, "trainer.monitor=val_f1")
+    assert result.returncode == 2 and "epoch 1/" not in result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "trainer.monitor='val_f1' is not logged by this run; use one of train_loss, val_loss, val_accuracy." in line

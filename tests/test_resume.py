@@ -315,7 +315,7 @@ def test_checkpoint_holds_all_state_and_only_the_newest_are_kept(tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == [f"epoch-000{e}-step-{45 * e:08d}.pt" for e in (2, 3, 4)]
     assert (run_dir / "checkpoints" / LATEST_MARKER).read_text().strip() == "epoch-0004-step-00000180.pt"
     bundle = final_bundle(run_dir)
-    parts = {"model", "optimizer", "scheduler", "progress", "ranks", "history", "callbacks", "data", "tracking"}
+    parts = {"model", "optimizer", "scheduler", "progress", "ranks", "history", "callbacks", "data", "tracking", "best"}
     assert set(bundle) == parts | {"config", "fingerprint", "torch_version", "runner_version", "finished", "format"}
     assert bundle["callbacks"] == {}  # none configured (and 32-bit: no grad_scaler part, as the set above says)
     assert bundle["data"] == {"classes": None, "fitted": {}}  # digits: integer labels, nothing fitted

@@ -4,8 +4,9 @@ and ``checkpoints/best.pt``, the best of them (a hard link to its file).
 
 ``trainer.monitor`` names the logged metric that decides (default ``val_loss``); its direction comes from the
 metrics table (runner.metrics), or ``trainer.monitor_mode``. The ranking so far is a checkpoint part, so a run
-killed and resumed keeps the same best as an uninterrupted one: files are named by epoch, so the epochs a
-resumed run trains again (bitwise the same) write the same files and drop the same ones. A best file holds the
+killed and resumed keeps the same best as an uninterrupted one: best files are written with the checkpoint whose
+ranking names them, and named by epoch, so a resumed run writes the same files as an uninterrupted one. A best
+file holds the
 model, the data's fitted state and what describes the run (config, fingerprint, epoch, the monitored value):
 enough to evaluate the model, not to resume training.
 """
@@ -60,7 +61,9 @@ def monitor_direction(monitor: str, mode: str | None, metrics: RunMetrics) -> bo
 class BestCheckpoints:
     """The ``keep`` best epochs so far by the monitored value, and their files.
 
-    ``offer``'s ``write(path)`` writes one best file; the session gives it, knowing the model. Only rank 0 offers.
+    An epoch that places is snapshotted (its model copied to host memory) and written with the next checkpoint,
+    which holds the ranking that names it: best files are never newer than the checkpoint a resume starts from,
+    and a converging run, improving every epoch, does not write a file every epoch. Only rank 0 offers.
     """
 
     def __init__(self, monitor: str, higher_is_better: bool, keep: int, run_dir: Path):
@@ -68,6 +71,7 @@ class BestCheckpoints:
             raise ConfigError(f"trainer.keep_best={keep}: keep at least 1 best checkpoint.")
         self.monitor, self.higher_is_better, self.keep, self.run_dir = monitor, higher_is_better, keep, run_dir
         self.ranking: list[tuple[float, int]] = []  # (value, epoch), best first
+        self.pending: dict[int, dict[str, Any]] = {}  # epoch -> its best file's contents, not yet written
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
@@ -80,24 +84,35 @@ class BestCheckpoints:
         place = 1 + sum(1 for kept, _ in self.ranking if not self._better(value, kept))
         return place if place <= self.keep else None
 
-    def offer(self, epoch: int, metrics: dict[str, float], write: Callable[[Path], None]) -> int | None:
-        """Rank this epoch by its monitored value; if it places, write its file, drop the files of epochs that no
-        longer place, point ``best.pt`` at the best, and return the place."""
+    def offer(self, epoch: int, metrics: dict[str, float], snapshot: Callable[[], dict[str, Any]]) -> int | None:
+        """Rank this epoch by its monitored value; if it places, keep ``snapshot()`` to write with the next
+        checkpoint, and return the place."""
         value = metrics[self.monitor]
         place = self.place(value)
         if place is None:
             return None
         self.ranking.insert(place - 1, (value, epoch))
         del self.ranking[self.keep :]
-        write(best_file(self.run_dir, epoch))
-        kept = {kept_epoch for _, kept_epoch in self.ranking}
-        for other, path in best_files(self.run_dir).items():
-            if other not in kept:  # fallen out, or written by a launch killed after this epoch (written again later)
-                path.unlink(missing_ok=True)
-        top = best_file(self.run_dir, self.ranking[0][1])
-        if top.exists():  # after a resume, the best may be an epoch a killed launch wrote again: link it anew
-            link_atomically(top, best_file(self.run_dir))
+        self.pending[epoch] = snapshot()
+        kept = self.kept_epochs()
+        self.pending = {other: bundle for other, bundle in self.pending.items() if other in kept}
         return place
+
+    def kept_epochs(self) -> set[int]:
+        return {epoch for _, epoch in self.ranking}
+
+    def write(self) -> None:
+        """Write the best files the ranking names and lacks, remove those it no longer names (or that a killed
+        launch wrote beyond its last checkpoint), and point ``best.pt`` at the best."""
+        for epoch, bundle in self.pending.items():
+            save_best(best_file(self.run_dir, epoch), bundle)
+        self.pending = {}
+        kept = self.kept_epochs()
+        for epoch, path in best_files(self.run_dir).items():
+            if epoch not in kept:
+                path.unlink(missing_ok=True)
+        if self.ranking and (top := best_file(self.run_dir, self.ranking[0][1])).exists():
+            link_atomically(top, best_file(self.run_dir))
 
     @property
     def best(self) -> tuple[float, int] | None:

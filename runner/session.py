@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 
 from runner import __version__
-from runner.best import BestCheckpoints, monitor_direction, save_best
+from runner.best import BestCheckpoints, monitor_direction
 from runner.build import Built
-from runner.checkpoint import StepCheckpoints, save_checkpoint
+from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind
+from runner.errors import CheckpointError, CheckpointNotWritten, Diverged, NotFinished, Stopped, TrackingBehind
 from runner.launch import Launch, RunContext, RunSettings
 from runner.persist import Persister
 from runner.resume import RunRecord
@@ -247,7 +247,7 @@ class TrainingSession:
         metrics = epoch_metrics(result)
         self.history.record(metrics, result.lr_steps)
         self.unlogged.append((result.epoch, metrics, result.lr_steps))
-        if self.ranks.is_main and self.best.offer(result.epoch + 1, metrics, self._write_best) == 1:
+        if self.ranks.is_main and self.best.offer(result.epoch + 1, metrics, self._best_snapshot) == 1:
             result.note = f"best {self.best.monitor} so far"
         asked = self.callbacks.on_epoch_end(result.epoch, metrics)  # before the checkpoint, which holds their state
         self.stopped_by = self.ranks.share(lambda: asked)  # rank 0's callbacks decide for all
@@ -278,6 +278,7 @@ class TrainingSession:
         return self.ranks.share(lambda: self._write_checkpoint(state))
 
     def _write_checkpoint(self, state: dict[str, Any]) -> Path:
+        self._write_best()
         path = save_checkpoint(
             self.record.run_dir, {**state, **self.checkpoint_header()}, self.trainer.keep_checkpoints
         )
@@ -287,11 +288,29 @@ class TrainingSession:
         self.persister.submit(lambda: self._log(epochs, partial))
         return path
 
-    def _write_best(self, path: Path) -> None:
-        """A best file: the model and the data's fitted state, described like a checkpoint (runner.best)."""
+    def _write_best(self) -> None:
+        """The best files the checkpoint about to be written names, first: if they cannot be written, neither is
+        it, and a resume trains those epochs again and writes them."""
+        try:
+            self.best.write()
+        except OSError as err:
+            raise CheckpointNotWritten(
+                f"could not write the best checkpoints in {self.record.run_dir / CHECKPOINT_DIR} ({err}). Free some "
+                f"space and run the same command again: it resumes from the previous checkpoint."
+            ) from err
+
+    def _best_snapshot(self) -> dict[str, Any]:
+        """A best file's contents: the model (copied to host memory) and the data's fitted state, described like a
+        checkpoint (runner.best)."""
+        model = {key: tensor.detach().to("cpu", copy=True) for key, tensor in self.model.state_dict().items()}
         value = self.history.epochs[-1][self.best.monitor]
-        bundle = {"model": self.model.state_dict(), "data": self.data.state_dict(), "epoch": self.progress.epoch}
-        save_best(path, {**bundle, "monitor": {"name": self.best.monitor, "value": value}, **self.checkpoint_header()})
+        return {
+            "model": model,
+            "data": self.data.state_dict(),
+            "epoch": self.progress.epoch,
+            "monitor": {"name": self.best.monitor, "value": value},
+            **self.checkpoint_header(),
+        }
 
     def checkpoint_header(self) -> dict[str, Any]:
         """What a checkpoint says about itself besides the parts' state (runner.state.CHECKPOINT_KEYS)."""

@@ -24,7 +24,6 @@ import torch
 
 from runner.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FORMAT, write_atomically
 from runner.errors import ConfigError
-from runner.metrics import RunMetrics
 
 _BEST_NAME = re.compile(r"^best-epoch-(\d+)\.pt$")
 
@@ -40,22 +39,6 @@ def best_files(run_dir: Path) -> dict[int, Path]:
     folder = run_dir / CHECKPOINT_DIR
     found = {int(m.group(1)): p for p in folder.glob("best-epoch-*.pt") if (m := _BEST_NAME.match(p.name))}
     return dict(sorted(found.items()))
-
-
-def monitor_direction(monitor: str, mode: str | None, metrics: RunMetrics) -> bool:
-    """Whether higher is better for ``trainer.monitor``.
-
-    Raises:
-        ConfigError: the monitor is not a value the run logs each epoch, or the mode is neither min nor max.
-    """
-    logged = metrics.logged("val")
-    if monitor not in logged:
-        raise ConfigError(f"trainer.monitor={monitor!r} is not logged by this run; use one of {', '.join(logged)}.")
-    if mode is None:
-        return metrics.find(monitor, "trainer.monitor").higher_is_better
-    if mode not in ("min", "max"):
-        raise ConfigError(f"trainer.monitor_mode={mode!r}: use min, max, or null (the metric's own direction).")
-    return mode == "max"
 
 
 class BestCheckpoints:

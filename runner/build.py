@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from runner.callbacks import Callbacks
+from runner.callbacks import Callbacks, EarlyStopping
 from runner.data import DataSplits, complete_splits, steps_per_epoch
-from runner.errors import RunnerError, UserCodeError, is_users_code
+from runner.errors import ConfigError, RunnerError, UserCodeError, is_users_code
 from runner.losses import Loss, build_loss, check_loss_fits
-from runner.metrics import RunMetrics, build_run_metrics
+from runner.metrics import RunMetrics, build_run_metrics, monitor_direction
 from runner.schedules import SchedulePlan, build_scheduler, check_lambda_mode, check_schedule, plan_schedule
 from runner.targets import build_node, resolve_target, signature_parameters
 
@@ -102,10 +102,20 @@ def build_everything(cfg: DictConfig, device: torch.device, world_size: int = 1)
     optimizer = build_optimizer(list(model.parameters()))
     scheduler = build_scheduler(plan, optimizer)
     check_lambda_mode(scheduler)
-    return Built(data, model, loss, metrics, optimizer, scheduler, plan, build_callbacks(cfg))
+    return Built(data, model, loss, metrics, optimizer, scheduler, plan, build_callbacks(cfg, metrics))
 
 
-def build_callbacks(cfg: DictConfig) -> Callbacks:
-    """``callbacks``: a mapping of names to ``_target_`` nodes (null entries switched off)."""
+def build_callbacks(cfg: DictConfig, metrics: RunMetrics) -> Callbacks:
+    """``callbacks``: a mapping of names to ``_target_`` nodes (null entries switched off), and
+    ``trainer.early_stopping`` as the callback ``early_stopping`` when its patience is set."""
     nodes = cfg.get("callbacks") or {}
-    return Callbacks({name: build_node(f"callbacks.{name}", node) for name, node in nodes.items() if node is not None})
+    built = {name: build_node(f"callbacks.{name}", node) for name, node in nodes.items() if node is not None}
+    stopping = cfg.trainer.early_stopping
+    if stopping.patience:
+        if "early_stopping" in built:
+            raise ConfigError(
+                "callbacks.early_stopping: the name is taken by trainer.early_stopping; give yours another name."
+            )
+        higher = monitor_direction(cfg.trainer.monitor, cfg.trainer.monitor_mode, metrics)
+        built["early_stopping"] = EarlyStopping(cfg.trainer.monitor, higher, stopping.patience, stopping.min_delta)
+    return Callbacks(built)

@@ -84,6 +84,46 @@ class StopAtValue(Callback):
         self.reached_at = state["reached_at"]
 
 
+class EarlyStopping(Callback):
+    """``trainer.early_stopping``: stop after ``patience`` epochs in which ``monitor`` did not beat its best by
+    more than ``min_delta`` (Keras's and Lightning's rule). Its best and its count are checkpointed, so a killed
+    and resumed run stops at the same epoch."""
+
+    def __init__(self, monitor: str, higher_is_better: bool, patience: int, min_delta: float = 0.0):
+        if patience < 1 or min_delta < 0:
+            raise ConfigError(
+                f"trainer.early_stopping: patience {patience} and min_delta {min_delta}; give patience >= 1 "
+                f"(0 turns early stopping off) and min_delta >= 0."
+            )
+        self.monitor, self.higher_is_better = monitor, higher_is_better
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.waited = 0
+        self.reason: str | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        current = metrics[self.monitor]
+        margin = current - self.best if self.best is not None else None
+        improved = margin is None or (margin > self.min_delta if self.higher_is_better else -margin > self.min_delta)
+        if improved:
+            self.best, self.best_epoch, self.waited = current, epoch, 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            self.stop_training = True
+            self.reason = (
+                f"{self.monitor} did not improve on {self.best:.4g} (epoch {self.best_epoch + 1}) by more than "
+                f"{self.min_delta:g} for {self.waited} epochs"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.waited = state["best"], state["best_epoch"], state["waited"]
+
+
 class Callbacks:
     """The configured callbacks by name: each hook called on all of them, errors named, state saved as one part."""
 
@@ -101,6 +141,10 @@ class Callbacks:
         except Exception as err:
             callback = type(self.callbacks[name]).__name__
             raise UserCodeError(f"callbacks.{name} ({callback}).{hook} raised {type(err).__name__}: {err}") from err
+
+    def reason(self, name: str) -> str | None:
+        """Why callback ``name`` stopped training, if it says (its ``reason`` attribute)."""
+        return getattr(self.callbacks[name], "reason", None)
 
     def on_train_start(self) -> None:
         for name in self.callbacks:

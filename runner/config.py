@@ -28,6 +28,12 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # N > 0: stop after N epochs without improvement of trainer.monitor; 0: off
+    min_delta: float = 0.0  # an improvement must beat the best so far by more than this
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     batch_size: int = 32
@@ -47,7 +53,8 @@ class TrainerConfig:
     detect_nonfinite: bool = True  # a NaN or infinite training loss ends the run (checked once per epoch: no sync)
     monitor: str = "val_loss"  # the logged value that picks the best epoch (checkpoints/best.pt)
     monitor_mode: str | None = None  # min | max; None: the metric's own direction (runner.metrics)
-    keep_best: int = 1  # best.pt, best-2.pt, ..., best-K.pt: never pruned by keep_checkpoints
+    keep_best: int = 1  # best-epoch-EEEE.pt for the K best epochs, best.pt the best: never pruned
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass

@@ -172,6 +172,22 @@ class RunMetrics:
         return metric(logged, key, known=self.entries)
 
 
+def monitor_direction(monitor: str, mode: str | None, metrics: RunMetrics) -> bool:
+    """Whether higher is better for ``trainer.monitor``.
+
+    Raises:
+        ConfigError: the monitor is not a value the run logs each epoch, or the mode is neither min nor max.
+    """
+    logged = metrics.logged("val")
+    if monitor not in logged:
+        raise ConfigError(f"trainer.monitor={monitor!r} is not logged by this run; use one of {', '.join(logged)}.")
+    if mode is None:
+        return metrics.find(monitor, "trainer.monitor").higher_is_better
+    if mode not in ("min", "max"):
+        raise ConfigError(f"trainer.monitor_mode={mode!r}: use min, max, or null (the metric's own direction).")
+    return mode == "max"
+
+
 def build_run_metrics(nodes: Any, task: str, num_classes: int | None) -> RunMetrics:
     """The metrics the config asks for (``metrics``: null for the task's defaults, or a list of table names and
     ``_target_`` nodes), checked against the data's task.

@@ -41,9 +41,7 @@ OPERATIONAL_KEYS = (
     "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
     "trainer.backend",
     "trainer.detect_nonfinite",  # changes nothing in a run that stays finite
-    "trainer.monitor",  # which epochs' models are kept as best, not what is trained
-    "trainer.monitor_mode",
-    "trainer.keep_best",
+    "trainer.keep_best",  # how many best epochs are kept (trainer.monitor is not here: early stopping reads it)
 )
 
 
@@ -77,6 +75,7 @@ class RunRecord:
     final_val_loss: float | None = None
     created: float = 0.0
     diverged: str | None = None  # what the divergence was: the same command then refuses instead of resuming
+    stopped_early: str | None = None  # finished before trainer.epochs: when, and which callback said why
 
     def save(self) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
@@ -121,6 +120,7 @@ _FIELD_TYPES = {
     "final_val_loss": (int, float, type(None)),
     "created": (int, float),
     "diverged": (str, type(None)),
+    "stopped_early": (str, type(None)),
 }
 
 

@@ -51,9 +51,10 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     record = launch.record
     adopt_run_dir(context.run_dir, record.run_dir, keep_log=ranks.is_main)
     if launch.finished:
+        how = f"stopped early {record.stopped_early}" if record.stopped_early else "ran this config to the end"
         log.info(
-            f"already finished: {record.run_dir} ran this config to the end (val_loss {record.final_val_loss}); "
-            f"nothing to do. Add resume=never to train it again in a new run."
+            f"already finished: {record.run_dir} {how} (val_loss {record.final_val_loss}); nothing to do. Add "
+            f"resume=never to train it again in a new run."
         )
         return record.final_val_loss
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from runner import __version__
-from runner.best import BestCheckpoints, monitor_direction
+from runner.best import BestCheckpoints
 from runner.build import Built
 from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, save_checkpoint
 from runner.data import make_batcher
@@ -24,6 +24,7 @@ from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
 from runner.errors import CheckpointError, CheckpointNotWritten, Diverged, NotFinished, Stopped, TrackingBehind
 from runner.launch import Launch, RunContext, RunSettings
+from runner.metrics import monitor_direction
 from runner.persist import Persister
 from runner.resume import RunRecord
 from runner.signals import StopFlag
@@ -221,13 +222,18 @@ class TrainingSession:
                 hand_over=stop.hand_over,  # by __main__, once the stop is logged and the ranks have left their group
             )
         final_val_loss = self.history.epochs[-1]["val_loss"]
+        stopped_early = None
         if self.stopped_by is not None:
-            log.info(
-                f"stopped early by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}"
-            )
+            reason = self.callbacks.reason(self.stopped_by)
+            stopped_early = f"by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}"
+            stopped_early += f": {reason}" if reason else ""
+            log.info(f"stopped early {stopped_early}")
         if self.ranks.is_main:
             self.record.finished, self.record.final_val_loss = True, final_val_loss
+            self.record.stopped_early = stopped_early
             self.record.save()
+            if stopped_early is not None:
+                self.tracker.set_tags({"stopped_early": stopped_early})
             self.tracker.finish("FINISHED")
         # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
         # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.

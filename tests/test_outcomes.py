@@ -151,3 +151,37 @@ def test_a_monitor_the_run_does_not_log_is_one_line_before_training(tmp_path):
     assert result.returncode == 2 and "epoch 1/" not in result.stderr
     (line,) = error_lines(result.stderr)
     assert "trainer.monitor='val_f1' is not logged by this run; use one of train_loss, val_loss, val_accuracy." in line
+
+
+def test_early_stopping_ends_the_run_finished_at_the_same_epoch_with_and_without_a_kill(tmp_path):
+    from conftest import assert_same_result
+
+    stopping = ["trainer.epochs=30", "trainer.deterministic=true", "optimizer.lr=0.9"]
+    stopping += ["trainer.early_stopping.patience=3", "tracking.experiment=stopping"]
+    whole = launch(tmp_path, *stopping, run_dir="whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    record = json.loads((tmp_path / "whole" / "runner.json").read_text())
+    assert record["finished"] and record["stopped_early"].startswith("by callbacks.early_stopping after epoch ")
+    stopped_at = int(record["stopped_early"].split("after epoch ")[1].split("/")[0])
+    assert 5 < stopped_at < 30
+    assert "val_loss did not improve on" in record["stopped_early"] and "for 3 epochs" in record["stopped_early"]
+    assert f"stopped early {record['stopped_early']}" in whole.stderr
+    reference = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
+    losses = [epoch["val_loss"] for epoch in reference["history"]["epochs"]]
+    assert len(losses) == stopped_at and min(losses[-3:]) >= min(losses[:-3])  # three epochs without a new best
+    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "stopping")
+    assert logged.info.status == "FINISHED" and logged.data.tags["stopped_early"] == record["stopped_early"]
+
+    again = launch(tmp_path, *stopping, run_dir="whole")
+    assert again.returncode == 0 and f"stopped early {record['stopped_early']}" in again.stderr
+    assert "already finished" in again.stderr and "epoch 1/" not in again.stderr
+
+    # kill -9 two epochs before the stop: the checkpoint holds one epoch without improvement counted, not zero
+    overrides = [*BASE, *stopping, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=killed"]
+    kill_at = (stopped_at - 2) * 45 + 10
+    killed = run_runner(*overrides, cwd=tmp_path, env={FAULT_AT_STEP_ENV: f"SIGKILL:{kill_at}"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_runner(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "killed" / "runner.json").read_text())["stopped_early"] == record["stopped_early"]
+    assert_same_result(torch.load(list_checkpoints(tmp_path / "killed")[-1], weights_only=True), reference)

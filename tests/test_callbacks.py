@@ -122,11 +122,34 @@ def test_a_users_loss_that_raises_during_training_shows_its_frames(tmp_path):
 
 def test_a_callback_switched_off_in_a_sweep_is_left_out(make_config):
     from runner.build import build_callbacks
+    from runner.metrics import build_run_metrics
 
+    metrics = build_run_metrics(None, "classification", 10)
     cfg = make_config("+callbacks.stop={_target_: runner.callbacks.StopAtValue, monitor: val_loss, value: 0.1}")
-    assert list(build_callbacks(cfg).callbacks) == ["stop"]
-    assert build_callbacks(make_config("+callbacks.stop=null")).callbacks == {}
-    assert build_callbacks(cfg).callbacks["stop"].higher_is_better is False  # val_loss: lower is better, from the table
+    assert list(build_callbacks(cfg, metrics).callbacks) == ["stop"]
+    assert build_callbacks(make_config("+callbacks.stop=null"), metrics).callbacks == {}
+    assert build_callbacks(cfg, metrics).callbacks["stop"].higher_is_better is False  # val_loss: lower is better
+
+
+def test_early_stopping_is_a_callback_of_its_own_name_with_the_monitors_direction(make_config):
+    from runner.build import build_callbacks
+    from runner.errors import ConfigError
+    from runner.metrics import build_run_metrics
+
+    metrics = build_run_metrics(None, "classification", 10)
+    cfg = make_config("trainer.early_stopping.patience=2", "trainer.monitor=val_accuracy")
+    stopping = build_callbacks(cfg, metrics).callbacks["early_stopping"]
+    assert stopping.higher_is_better and stopping.patience == 2
+    for epoch, accuracy in enumerate([0.5, 0.6, 0.6, 0.59]):
+        stopping.on_epoch_end(epoch, {"val_accuracy": accuracy})
+    assert stopping.stop_training and stopping.best_epoch == 1  # a tie is no improvement
+    taken = make_config(
+        "trainer.early_stopping.patience=2", "+callbacks.early_stopping={_target_: runner.callbacks.Callback}"
+    )
+    with pytest.raises(ConfigError, match="callbacks.early_stopping: the name is taken by trainer.early_stopping"):
+        build_callbacks(taken, metrics)
+    with pytest.raises(ConfigError, match="trainer.monitor='val_f1' is not logged by this run"):
+        build_callbacks(make_config("trainer.early_stopping.patience=2", "trainer.monitor=val_f1"), metrics)
 
 
 def test_a_users_torchmetrics_metric_that_raises_shows_its_frames_and_names_the_metric(tmp_path):

@@ -55,6 +55,8 @@ class TrainerConfig:
     monitor_mode: str | None = None  # min | max; None: the metric's own direction (runner.metrics)
     keep_best: int = 1  # best-epoch-EEEE.pt for the K best epochs, best.pt the best: never pruned
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    gradient_clip_val: float | None = None  # clip gradients before each optimizer step; None: never
+    gradient_clip_algorithm: str = "norm"  # norm: the total 2-norm at most the value | value: each element within +-it
 
 
 @dataclass
@@ -123,6 +125,28 @@ def check_strategy(trainer: DictConfig) -> None:
         )
 
 
+def check_outcome_settings(trainer: DictConfig) -> None:
+    """Gradient clipping, the best checkpoints and early stopping: values that cannot work, in one line each."""
+    if trainer.gradient_clip_val is not None and not trainer.gradient_clip_val > 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val must be above 0 (or null: no clipping), got {trainer.gradient_clip_val}."
+        )
+    if trainer.gradient_clip_algorithm not in ("norm", "value"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}: use norm or value.")
+    if trainer.monitor_mode not in (None, "min", "max"):
+        raise ConfigError(
+            f"trainer.monitor_mode={trainer.monitor_mode!r}: use min, max, or null (the metric's own direction)."
+        )
+    if trainer.keep_best < 1:
+        raise ConfigError(f"trainer.keep_best must be at least 1, got {trainer.keep_best}.")
+    stopping = trainer.early_stopping
+    if stopping.patience < 0 or stopping.min_delta < 0:
+        raise ConfigError(
+            f"trainer.early_stopping: patience {stopping.patience}, min_delta {stopping.min_delta}; give patience "
+            f">= 1 (0 turns it off) and min_delta >= 0."
+        )
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Refuse impossible plain settings before anything is built.
 
@@ -163,6 +187,7 @@ def check_settings(cfg: DictConfig) -> None:
     if str(trainer.precision) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.precision}: use one of {', '.join(PRECISIONS)}.")
     check_strategy(trainer)
+    check_outcome_settings(trainer)
     lr = cfg.optimizer.get("lr")
     if lr is None or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a number above 0, got {lr!r}.")

@@ -71,6 +71,8 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
         monitor=built.plan.monitor,
         log_lr_every=cfg.tracking.log_every_n_steps,
         detect_nonfinite=trainer.detect_nonfinite,
+        clip_value=trainer.gradient_clip_val,
+        clip_by_norm=trainer.gradient_clip_algorithm == "norm",
     )
 
 

@@ -80,6 +80,8 @@ class Loop:
     train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # DistributedDataParallel, for training steps
     ranks: Ranks | None = None  # under DDP: sums over the ranks
     detect_nonfinite: bool = True  # a NaN or infinite epoch training loss raises Diverged
+    clip_value: float | None = None  # trainer.gradient_clip_val
+    clip_by_norm: bool = True  # trainer.gradient_clip_algorithm == "norm"
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         try:
@@ -108,15 +110,21 @@ class Progress:
     samples: int = 0
     epoch_lrs: list[float] | None = None  # the LRs this epoch started with (a resumed epoch keeps them)
     lr_steps: dict[int, float] = field(default_factory=dict)  # this epoch's recorded per-step LRs
+    grad_norm_sum: torch.Tensor | None = None  # with gradient clipping: this epoch's gradient norms, summed
 
     def start_epoch(self, device: torch.device, lrs: list[float]) -> None:
         if self.loss_sum is None or self.batch == 0:  # not an epoch resumed part-way through
             self.loss_sum = torch.zeros((), device=device)
             self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
+            self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        elif self.grad_norm_sum is None:
+            self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        else:
+            self.grad_norm_sum = self.grad_norm_sum.to(device)
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
-        self.epoch_lrs, self.lr_steps = None, {}
+        self.epoch_lrs, self.lr_steps, self.grad_norm_sum = None, {}, None
 
     def state_dict(self) -> dict:
         """Where training stands; the running loss is each rank's own (runner.state.RankStreams saves it)."""
@@ -126,15 +134,31 @@ class Progress:
             "global_step": self.global_step,
             "epoch_lrs": self.epoch_lrs,
             "lr_steps": dict(self.lr_steps),
+            "grad_norm_sum": None if self.grad_norm_sum is None else self.grad_norm_sum.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.epoch_lrs, self.lr_steps = state["epoch_lrs"], dict(state["lr_steps"])
+        self.grad_norm_sum = state.get("grad_norm_sum")  # absent from checkpoints written before clipping existed
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
+
+
+def _clip_gradients(loop: Loop, progress: Progress) -> None:
+    """``trainer.gradient_clip_val``: torch's clip_grad_norm_ or clip_grad_value_; the total norm before clipping is
+    summed on the device (no sync) for the epoch's mean ``grad_norm``."""
+    if loop.clip_value is None:
+        return
+    parameters = [p for p in loop.model.parameters() if p.grad is not None]
+    if loop.clip_by_norm:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_value)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        torch.nn.utils.clip_grad_value_(parameters, loop.clip_value)
+    progress.grad_norm_sum.add_(norm.to(progress.grad_norm_sum.device))
 
 
 def _optimizer_step(loop: Loop, progress: Progress) -> None:
@@ -188,9 +212,13 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
             loss = loop.loss(loop.outputs(inputs, training=True), targets)
             if loop.scaler is None:
                 loss.backward()
+                _clip_gradients(loop, progress)
                 _optimizer_step(loop, progress)
             else:
                 loop.scaler.scale(loss).backward()
+                if loop.clip_value is not None:
+                    loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
+                    _clip_gradients(loop, progress)
                 loop.scaler.step(loop.optimizer)  # skipped when the scaled gradients overflowed
                 loop.scaler.update()
             if loop.scheduler_per_batch:
@@ -290,6 +318,8 @@ def train(
         loss_sum, samples = _summed(loop, progress.loss_sum, progress.samples)
         check_finite(loop, progress, loss_sum / max(samples, 1))
         result.metrics["train_loss"] = loss_sum / max(samples, 1)
+        if loop.clip_value is not None:  # the same on every rank (the gradients are all-reduced): no sum
+            result.metrics["grad_norm"] = progress.grad_norm_sum.item() / max(len(loop.train_batches), 1)
         if not loop.scheduler_per_batch and loop.monitor is None:
             loop.scheduler.step()
         result.metrics.update(evaluate(loop))

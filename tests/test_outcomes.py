@@ -185,3 +185,69 @@ def test_early_stopping_ends_the_run_finished_at_the_same_epoch_with_and_without
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "killed" / "runner.json").read_text())["stopped_early"] == record["stopped_early"]
     assert_same_result(torch.load(list_checkpoints(tmp_path / "killed")[-1], weights_only=True), reference)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_is_torchs_own_and_logs_the_mean_gradient_norm(make_config, algorithm):
+    """One epoch through the runner's loop against the same epoch written by hand with torch.nn.utils."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from runner.build import build_everything
+    from runner.distributed import Distributed
+    from runner.session import make_loop
+    from runner.train import Progress, train
+
+    cpu = torch.device("cpu")
+    cfg = make_config(
+        "trainer.epochs=1", "trainer.gradient_clip_val=0.05", f"trainer.gradient_clip_algorithm={algorithm}"
+    )
+    built = build_everything(cfg, cpu)
+    loop = make_loop(cfg, built, Distributed(cpu))
+    model = copy.deepcopy(built.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
+    batches = list(loop.train_batches.epoch(0))
+
+    results = []
+    train(loop, Progress(), results.append)
+    norms = []
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        if algorithm == "norm":
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+        else:
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.05)
+        optimizer.step()
+    for (name, expected), actual in zip(model.state_dict().items(), built.model.state_dict().values(), strict=True):
+        assert torch.equal(actual, expected), name
+    assert min(norms) > 0.05  # the clipping did something at every step
+    assert results[0].metrics["grad_norm"] == pytest.approx(float(sum(norms)) / len(norms), rel=1e-6)
+
+
+def test_gradient_clipping_settings_that_cannot_work_are_one_line(make_config):
+    from runner.config import check_settings
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.gradient_clip_val must be above 0 \(or null: no clipping\), got 0"):
+        check_settings(make_config("trainer.gradient_clip_val=0"))
+    with pytest.raises(ConfigError, match="trainer.gradient_clip_algorithm='l2': use norm or value."):
+        check_settings(make_config("trainer.gradient_clip_algorithm=l2"))
+
+
+def test_a_run_with_clipping_stopped_mid_epoch_resumes_bitwise_grad_norm_included(tmp_path):
+    from conftest import assert_same_result
+
+    clipping = ["trainer.deterministic=true", "trainer.gradient_clip_val=0.5"]
+    whole = launch(tmp_path, *clipping, run_dir="whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    overrides = [*BASE, *clipping, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=stopped"]
+    stopped = run_runner(*overrides, cwd=tmp_path, env={FAULT_AT_STEP_ENV: "SIGTERM:100"})  # mid-epoch 3
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    resumed = run_runner(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0 and "epoch 3/4, batch 10 of 45" in resumed.stderr, resumed.stderr[-2000:]
+    reference = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
+    assert all("grad_norm" in epoch for epoch in reference["history"]["epochs"])
+    assert_same_result(torch.load(list_checkpoints(tmp_path / "stopped")[-1], weights_only=True), reference)

@@ -136,7 +136,7 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
     shared; another rank's own failure (its GPU missing) is still reported by that rank.
     """
     exit_code = getattr(err, "exit_code", EXIT_BAD_INPUT)
-    shared = isinstance(err, ReportedByRankZero | ConfigError | Stopped)
+    shared = isinstance(err, ReportedByRankZero | ConfigError | Stopped | Diverged)  # every rank meets these alike
     if shared and os.environ.get("RANK", "0") != "0":
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

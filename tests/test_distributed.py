@@ -304,3 +304,13 @@ def test_a_full_disk_under_ddp_stops_both_ranks_with_rank_zeros_one_line_and_no_
     assert "epoch-0001-step-00000045.pt" in line and "Free some space and run the same command again" in line
     assert "exitcode  : 75" in result.stderr  # torchrun's report: not a crash
     assert "Connection closed by peer" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_divergence_under_ddp_is_one_line_from_rank_zero_and_both_ranks_leave_together(tmp_path):
+    result = torchrun(tmp_path, *BASE, "trainer.strategy=ddp", "optimizer.lr=1e30", "optimizer=sgd")
+    assert result.returncode != 0
+    (line,) = runner_lines(result.stderr, "training diverged")  # the summed loss: every rank stops, rank 0 speaks
+    assert "the training loss is nan over epoch 1/4" in line
+    assert result.stderr.count("exitcode  : 1") >= 1 and "Connection closed by peer" not in result.stderr
+    assert "[rank1]" not in result.stderr, result.stderr[-3000:]

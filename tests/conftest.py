@@ -108,10 +108,45 @@ def make_config(tracking_uri, experiment):
     return make
 
 
+_store_template_folder: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_template_place(tmp_path_factory):
+    """Where the migrated SQLite store that ``seed_store`` copies is made, once, on first use."""
+    global _store_template_folder
+    _store_template_folder = tmp_path_factory.mktemp("store-template")
+
+
+def seed_store(args) -> None:
+    """Give a ``tracking.uri=sqlite:///PATH`` among ``args`` that does not exist yet a copy of a store MLflow has
+    made once for the session: creating one runs MLflow's schema migrations, about two seconds of CPU per test on
+    this machine. Tests of creating a store itself pass ``fresh_store=True`` (tests/test_tracking.py and
+    tests/test_launch.py create theirs with their own processes)."""
+    template = _store_template_folder / "mlflow.db"
+    for arg in args:
+        if not arg.startswith("tracking.uri=sqlite:///"):
+            continue
+        path = Path(arg.removeprefix("tracking.uri=sqlite:///"))
+        if not path.is_absolute() or path.exists() or not path.parent.is_dir():  # relative: to the runner's cwd
+            continue
+        if not template.exists():
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments(max_results=1)
+        shutil.copyfile(template, path)
+
+
 def run_runner(
-    *args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 600
+    *args: str,
+    cwd: Path,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 600,
+    fresh_store: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``python -m runner args…`` as a user would start it, in ``cwd``."""
+    """``python -m runner args…`` as a user would start it, in ``cwd`` (a new SQLite store seeded: ``seed_store``)."""
+    if not fresh_store:
+        seed_store(args)
     full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
     full_env = {key: value for key, value in full_env.items() if value is not None}  # env={"X": None} unsets X

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_logged_once_as, assert_same_result, fill, mlflow_runs, run_runner
+from conftest import assert_logged_once_as, assert_same_result, fill, mlflow_runs, run_runner, seed_store
 from torch.utils.data import DistributedSampler
 
 from runner.checkpoint import list_checkpoints
@@ -64,6 +64,7 @@ def torchrun(
         *overrides,
         f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}",
     ]
+    seed_store(command)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -116,7 +116,7 @@ def test_every_optimizer_with_every_scheduler_trains_in_one_sweep(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_before_training(tmp_path, overrides, expected):
-    result = run_runner(*overrides, *QUIET, *tracked(tmp_path), cwd=tmp_path)
+    result = run_runner(*overrides, *QUIET, *tracked(tmp_path), cwd=tmp_path, fresh_store=True)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and expected in errors[0], result.stderr

@@ -122,6 +122,7 @@ def parallel_sweep(tmp_path_factory):
         *QUIET,
         *tracking,
         cwd=tmp_path,
+        fresh_store=True,  # what this sweep tests: its jobs and the sweep callback create the store together
     )
     return tmp_path, uri, result
 

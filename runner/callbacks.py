@@ -21,6 +21,7 @@ finished (not failed), with the reason logged. Because ``callbacks`` is a mappin
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from runner.errors import ConfigError, UserCodeError
@@ -82,6 +83,7 @@ class StopAtValue(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reached_at = state["reached_at"]
+        self.stop_training = self.reached_at is not None
 
 
 class EarlyStopping(Callback):
@@ -105,7 +107,12 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         current = metrics[self.monitor]
         margin = current - self.best if self.best is not None else None
-        improved = margin is None or (margin > self.min_delta if self.higher_is_better else -margin > self.min_delta)
+        if math.isnan(current):  # never a best, so a NaN does not make every later epoch look like no improvement
+            improved = False
+        else:
+            improved = margin is None or (
+                margin > self.min_delta if self.higher_is_better else -margin > self.min_delta
+            )
         if improved:
             self.best, self.best_epoch, self.waited = current, epoch, 0
             return
@@ -118,10 +125,12 @@ class EarlyStopping(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited}
+        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited, "reason": self.reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.waited = state["best"], state["best_epoch"], state["waited"]
+        self.reason = state.get("reason")
+        self.stop_training = self.reason is not None
 
 
 class Callbacks:
@@ -154,6 +163,10 @@ class Callbacks:
         """Call every callback; the name of the first that asks to stop, or None."""
         for name in self.callbacks:
             self._call(name, "on_epoch_end", epoch, dict(metrics))
+        return self.stopping()
+
+    def stopping(self) -> str | None:
+        """The name of the first callback asking to stop, or None."""
         return next((name for name, cb in self.callbacks.items() if getattr(cb, "stop_training", False)), None)
 
     def on_train_end(self, metrics: dict[str, float]) -> None:

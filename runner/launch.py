@@ -112,7 +112,7 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
             raise Diverged(
                 f"{launch.record.run_dir} diverged: {launch.record.diverged.removeprefix('training diverged: ')}. "
                 f"Resuming it would diverge again; lower optimizer.lr (a changed config is a new run), or add "
-                f"resume=never to train this config afresh."
+                f"resume=never (and a new hydra.run.dir if you set one) to train this config afresh."
             )
         launch.record = launch.record or RunRecord.new(context.run_dir, settings.fingerprint)
         hold_run_dir(launch.record.run_dir)

@@ -49,9 +49,23 @@ def _is_operational(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in OPERATIONAL_KEYS)
 
 
+# Settings added after runs of earlier versions existed, and the value that changes nothing: at it, they stay out
+# of the fingerprint, so those runs still resume (and a changed value is listed as a difference from "(unset)").
+ADDED_SETTINGS_AT_DEFAULT = {
+    "trainer.monitor": "val_loss",
+    "trainer.monitor_mode": "None",
+    "trainer.early_stopping.patience": "0",
+    "trainer.early_stopping.min_delta": "0.0",
+    "trainer.gradient_clip_val": "None",
+    "trainer.gradient_clip_algorithm": "norm",
+}
+
+
 def split_settings(flat: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Split a flattened config into (what decides the result, operational settings)."""
-    result = {k: v for k, v in flat.items() if not _is_operational(k)}
+    result = {
+        k: v for k, v in flat.items() if not _is_operational(k) and ADDED_SETTINGS_AT_DEFAULT.get(k, object()) != v
+    }
     return result, {k: v for k, v in flat.items() if _is_operational(k)}
 
 

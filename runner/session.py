@@ -109,6 +109,7 @@ class TrainingSession:
         self.state.register("tracking", record)
         self.callbacks, self.data, self.model = built.callbacks, built.data, built.model
         self.stopped_by: str | None = None  # the callback that ended training early
+        self.finished_early = False  # resumed from the final checkpoint of a run a callback ended
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
         self.tracking_wait_s = cfg.tracking.wait_s
         self.persister = Persister()
@@ -124,9 +125,16 @@ class TrainingSession:
         """
         bundle = launch.checkpoint_bundle()
         try:
-            self.state.load_state_dict(bundle, leave_out=("tracking", "data") if launch.forced_from else ())
+            self.state.load_state_dict(bundle, leave_out=("tracking", "data", "best") if launch.forced_from else ())
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
+        if bundle.get("finished") and self.progress.epoch < self.loop.epochs:  # ended by a callback, not marked yet
+            self.finished_early, self.stopped_by = True, self.callbacks.stopping()
+            log.info(
+                f"resuming {self.record.run_dir} from {launch.checkpoint.name}: stopped early after epoch "
+                f"{self.progress.epoch}; logging what MLflow lacks"
+            )
+            return
         if self.progress.epoch >= self.loop.epochs:  # trained to the end, but MLflow was not told everything
             log.info(
                 f"resuming {self.record.run_dir} from {launch.checkpoint.name}: trained; logging what MLflow lacks"
@@ -194,7 +202,7 @@ class TrainingSession:
             stop = StepCheckpoints(stop, self.trainer.checkpoint_every_steps, self.checkpoint, mid_epoch)
         try:
             self.callbacks.on_train_start()
-            completed = train(self.loop, self.progress, self.end_epoch, stop)
+            completed = self.finished_early or train(self.loop, self.progress, self.end_epoch, stop)
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
             path = None if completed else self.checkpoint()
@@ -225,9 +233,10 @@ class TrainingSession:
             )
         final_val_loss = self.history.epochs[-1]["val_loss"]
         stopped_early = None
-        if self.stopped_by is not None:
-            reason = self.callbacks.reason(self.stopped_by)
-            stopped_early = f"by callbacks.{self.stopped_by} after epoch {self.progress.epoch}/{self.loop.epochs}"
+        if self.stopped_by is not None or self.finished_early:
+            by = f"callbacks.{self.stopped_by}" if self.stopped_by else "a callback"
+            reason = self.callbacks.reason(self.stopped_by) if self.stopped_by else None
+            stopped_early = f"by {by} after epoch {self.progress.epoch}/{self.loop.epochs}"
             stopped_early += f": {reason}" if reason else ""
             log.info(f"stopped early {stopped_early}")
         if self.ranks.is_main:
@@ -301,7 +310,7 @@ class TrainingSession:
         it, and a resume trains those epochs again and writes them."""
         try:
             self.best.write()
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
             raise CheckpointNotWritten(
                 f"could not write the best checkpoints in {self.record.run_dir / CHECKPOINT_DIR} ({err}). Free some "
                 f"space and run the same command again: it resumes from the previous checkpoint."
@@ -335,7 +344,7 @@ class TrainingSession:
         raised it at the same step, from losses summed over the ranks: they leave their group together."""
         self.ranks.raised_together = True
         if self.ranks.is_main:
-            self.record.diverged = str(err).split(". The last good checkpoint")[0]
+            self.record.diverged = str(err).split(". Checkpoints written before")[0]
             self.record.save()
 
     def _log(self, epochs: list[tuple[int, dict[str, float], dict[int, float]]], partial: dict[int, float]) -> None:

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_REFRESH_SECONDS = 0.5
 METRIC_CHUNK_ROWS = 8192  # validation outputs handed to torchmetrics in chunks of at least this many samples
+METRIC_CHUNK_ELEMENTS = 2**24  # ...or this many output values (64 MiB of float32: segmentation maps, say)
 DIVERGED_FIX = (
-    "The last good checkpoint is kept and this run will not be resumed; lower optimizer.lr (a changed config is a "
-    "new run), or add resume=never to train this config afresh."
+    "Checkpoints written before are kept and this run will not be resumed; lower optimizer.lr (a changed config is "
+    "a new run), or add resume=never (and a new hydra.run.dir if you set one) to train this config afresh."
 )
 
 
@@ -117,9 +118,9 @@ class Progress:
         if self.loss_sum is None or self.batch == 0:  # not an epoch resumed part-way through
             self.loss_sum = torch.zeros((), device=device)
             self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
-            self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+            self.grad_norm_sum = torch.zeros((), device=device)
         elif self.grad_norm_sum is None:
-            self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+            self.grad_norm_sum = torch.zeros((), device=device)
         else:
             self.grad_norm_sum = self.grad_norm_sum.to(device)
 
@@ -157,7 +158,7 @@ def _clip_gradients(loop: Loop, progress: Progress) -> None:
     if loop.clip_by_norm:
         norm = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_value)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
         torch.nn.utils.clip_grad_value_(parameters, loop.clip_value)
     progress.grad_norm_sum.add_(norm.to(progress.grad_norm_sum.device))
 
@@ -266,7 +267,7 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
         if chunked:
             pending.append(metric_inputs(outputs, targets))
             pending_rows += len(targets)
-            if pending_rows >= METRIC_CHUNK_ROWS:
+            if pending_rows >= METRIC_CHUNK_ROWS or pending_rows * outputs[0].numel() >= METRIC_CHUNK_ELEMENTS:
                 _update_chunked(chunked, pending)
                 pending, pending_rows = [], 0
     if pending:

@@ -123,3 +123,20 @@ def test_schedule_settings_are_refused_before_training(make_config, overrides, m
     with pytest.raises(ConfigError) as caught:
         build_everything(make_config(*overrides), CPU)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fingerprint"),
+    [([], "e87d43c4cb6d435f"), (["scheduler=cosine", "optimizer=adam", "metrics=[accuracy,f1]"], "bb08aa4ed8dfe9a4")],
+)
+def test_settings_added_later_leave_the_fingerprints_of_earlier_runs_as_they_were(overrides, fingerprint):
+    """Fingerprints of runner d41b8c5 (before trainer.monitor, early_stopping and gradient clipping): at their
+    defaults the new settings stay out, so an unfinished run of the earlier version still resumes."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.launch import RunSettings
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert RunSettings.of(compose("config", overrides=overrides)).fingerprint == fingerprint
+        changed = RunSettings.of(compose("config", overrides=[*overrides, "trainer.early_stopping.patience=3"]))
+    assert changed.fingerprint != fingerprint

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # real `python -m runner` subprocesses
 BASE = ["trainer.epochs=4", "trainer.device=cpu", "trainer.progress_bar=false", "trainer.checkpoint_min_seconds=0"]
 # The LR multiplied by 1e12 from the third epoch on: epochs 1 and 2 train, epoch 3's loss becomes NaN.
 BLOWS_UP_IN_EPOCH_3 = ["scheduler=lambda", "scheduler.lr_lambda='1 if epoch < 2 else 1e12'"]
-DIVERGED_FIX = "The last good checkpoint is kept and this run will not be resumed"
+DIVERGED_FIX = "Checkpoints written before are kept and this run will not be resumed"
 
 
 def launch(tmp_path, *overrides: str, run_dir: str = "run"):
@@ -175,6 +175,14 @@ def test_early_stopping_ends_the_run_finished_at_the_same_epoch_with_and_without
     again = launch(tmp_path, *stopping, run_dir="whole")
     assert again.returncode == 0 and f"stopped early {record['stopped_early']}" in again.stderr
     assert "already finished" in again.stderr and "epoch 1/" not in again.stderr
+
+    # Killed after the final checkpoint but before runner.json said finished: the next launch trains nothing more
+    unmarked = {**record, "finished": False, "stopped_early": None}
+    (tmp_path / "whole" / "runner.json").write_text(json.dumps(unmarked))
+    gap = launch(tmp_path, *stopping, run_dir="whole")
+    assert gap.returncode == 0 and f"stopped early after epoch {stopped_at}; logging" in gap.stderr, gap.stderr[-2000:]
+    assert f"epoch {stopped_at + 1}/30" not in gap.stderr
+    assert json.loads((tmp_path / "whole" / "runner.json").read_text()) == {**record, "created": record["created"]}
 
     # kill -9 two epochs before the stop: the checkpoint holds one epoch without improvement counted, not zero
     overrides = [*BASE, *stopping, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=killed"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from runner.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FORMAT, write_atomically
+from runner.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FORMAT, not_written, write_atomically
 from runner.errors import ConfigError
 
 _BEST_NAME = re.compile(r"^best-epoch-(\d+)\.pt$")
@@ -88,7 +88,11 @@ class BestCheckpoints:
         """Write the best files the ranking names and lacks, remove those it no longer names (or that a killed
         launch wrote beyond its last checkpoint), and point ``best.pt`` at the best."""
         for epoch, bundle in self.pending.items():
-            save_best(best_file(self.run_dir, epoch), bundle)
+            path = best_file(self.run_dir, epoch)
+            try:
+                save_best(path, bundle)
+            except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
+                raise not_written(path, err) from err
         self.pending = {}
         kept = self.kept_epochs()
         for epoch, path in best_files(self.run_dir).items():

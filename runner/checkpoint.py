@@ -77,6 +77,14 @@ def _free_space(folder: Path) -> str:
         return "unknown space"
 
 
+def not_written(path: Path, err: BaseException) -> CheckpointNotWritten:
+    """The one line for a checkpoint file (or a best file written with it) that could not be written."""
+    return CheckpointNotWritten(
+        f"could not write checkpoint {path} ({_first_line(err)}); {_free_space(path.parent)} free on that disk. "
+        f"Free some space and run the same command again: it resumes from the previous checkpoint."
+    )
+
+
 def _first_line(err: BaseException) -> str:
     """``Type: first line of the message``; an EOFError from a zero-byte file has no message at all."""
     lines = str(err).strip().splitlines()
@@ -132,10 +140,7 @@ def save_checkpoint(run_dir: Path, bundle: dict[str, Any], keep: int) -> Path:
         _fingerprints[_identity(path)] = bundle["fingerprint"]
         write_atomically(folder / LATEST_MARKER, lambda file: file.write(f"{path.name}\n".encode()))
     except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
-        raise CheckpointNotWritten(
-            f"could not write checkpoint {path} ({_first_line(err)}); {_free_space(folder)} free on that disk. Free "
-            f"some space and run the same command again: it resumes from the previous checkpoint."
-        ) from err
+        raise not_written(path, err) from err
     prune_checkpoints(run_dir, path, keep, bundle["fingerprint"])
     for stale in folder.glob(".*.tmp-*"):  # left by a launch killed mid-write; this run owns the folder
         stale.unlink(missing_ok=True)

@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from runner import __version__
 from runner.best import BestCheckpoints
 from runner.build import Built
-from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, save_checkpoint
+from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, not_written, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, CheckpointNotWritten, Diverged, NotFinished, Stopped, TrackingBehind
+from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind
 from runner.launch import Launch, RunContext, RunSettings
 from runner.metrics import monitor_direction
 from runner.persist import Persister
@@ -310,11 +310,8 @@ class TrainingSession:
         it, and a resume trains those epochs again and writes them."""
         try:
             self.best.write()
-        except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError("... file write failed")
-            raise CheckpointNotWritten(
-                f"could not write the best checkpoints in {self.record.run_dir / CHECKPOINT_DIR} ({err}). Free some "
-                f"space and run the same command again: it resumes from the previous checkpoint."
-            ) from err
+        except OSError as err:  # linking best.pt, removing a file that fell out: the files are written already
+            raise not_written(self.record.run_dir / CHECKPOINT_DIR / "best.pt", err) from err
 
     def _best_snapshot(self) -> dict[str, Any]:
         """A best file's contents: the model (copied to host memory) and the data's fitted state, described like a

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from runner.callbacks import Callbacks, EarlyStopping
 from runner.data import DataSplits, complete_splits, steps_per_epoch
-from runner.errors import ConfigError, RunnerError, UserCodeError, is_users_code
+from runner.errors import ConfigError, users_failures
 from runner.losses import Loss, build_loss, check_loss_fits
 from runner.metrics import RunMetrics, build_run_metrics, monitor_direction
 from runner.schedules import SchedulePlan, build_scheduler, check_lambda_mode, check_schedule, plan_schedule
@@ -46,14 +46,8 @@ def build_data(cfg: DictConfig) -> DataSplits:
     target = resolve_target("data", cfg.data)
     parameters = signature_parameters(target) or {}
     runner_keys = [key for key in DATA_SETTINGS if key in cfg.data and key not in parameters]
-    try:
+    with users_failures(target, f"data: {cfg.data._target_}"):
         result = build_node("data", cfg.data, leave_out=runner_keys, seed=cfg.trainer.seed)
-    except RunnerError:
-        raise
-    except Exception as err:
-        if not is_users_code(target):
-            raise
-        raise UserCodeError(f"data: {cfg.data._target_} raised {type(err).__name__}: {err}") from err
     settings = {key: cfg.data.get(key) for key in DATA_SETTINGS}
     return complete_splits(result, f"data ({cfg.data._target_})", settings)
 

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 
 # sysexits.h's EX_USAGE-like "bad input", and EX_TEMPFAIL, "temporary failure; the user is invited to retry":
 # stopped, checkpointed, resumable.
@@ -110,6 +111,21 @@ class ReportedByRankZero(RunnerError):
     def __init__(self, error: RunnerError):
         super().__init__(str(error))
         self.exit_code = error.exit_code
+
+
+@contextmanager
+def users_failures(thing: object, what: str):
+    """Around a call into ``thing``: an exception it raises, when ``thing`` is the user's code (not the runner's or
+    a library's), becomes a UserCodeError naming ``what``, with the user's frames kept as its cause. The runner's
+    own errors pass through."""
+    try:
+        yield
+    except RunnerError:
+        raise
+    except Exception as err:
+        if not is_users_code(thing):
+            raise
+        raise UserCodeError(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 def full_traceback_wanted() -> bool:

@@ -270,8 +270,8 @@ def _batch_mean(function: Any):
 class CountedAccuracy:
     """``accuracy``: right answers counted on the device, summed over the ranks with the loss (runner.train).
 
-    It has the few methods of a torchmetrics.Metric the runner calls, plus ``totals``/``from_totals``, which mark it
-    as one whose counts the evaluation sums itself, in the same host sync as the loss.
+    It has the few methods of a torchmetrics.Metric the runner calls (``to``, ``reset``, ``update``); in place of
+    ``compute``, ``totals``/``from_totals``: the evaluation sums its counts itself, in the same host sync as the loss.
     """
 
     def __init__(self) -> None:
@@ -295,8 +295,3 @@ class CountedAccuracy:
     @staticmethod
     def from_totals(right: float, samples: float) -> float:
         return right / max(samples, 1)
-
-    def compute(self) -> float:
-        """This process's accuracy alone (the evaluation uses ``totals``, summed over the ranks)."""
-        right = self.right.item() if hasattr(self.right, "item") else self.right
-        return self.from_totals(right, self.samples)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from runner.errors import Diverged, UserCodeError, is_users_code
+from runner.errors import Diverged, UserCodeError, is_users_code, users_failures
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,11 @@ class Progress:
     def start_epoch(self, device: torch.device, lrs: list[float]) -> None:
         if self.loss_sum is None or self.batch == 0:  # not an epoch resumed part-way through
             self.loss_sum = torch.zeros((), device=device)
-            self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
-            self.grad_norm_sum = torch.zeros((), device=device)
-        elif self.grad_norm_sum is None:
-            self.grad_norm_sum = torch.zeros((), device=device)
-        else:
-            self.grad_norm_sum = self.grad_norm_sum.to(device)
+            self.samples, self.epoch_lrs, self.lr_steps, self.grad_norm_sum = 0, lrs, {}, None
+        # None: a fresh epoch, or one resumed from a checkpoint written before gradient clipping existed
+        self.grad_norm_sum = (
+            torch.zeros((), device=device) if self.grad_norm_sum is None else self.grad_norm_sum.to(device)
+        )
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
@@ -292,14 +291,8 @@ def _update_chunked(metrics: dict[str, Any], batches: list[tuple[torch.Tensor, t
 
 def _update(name: str, metric: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
     """One batch into one metric; the user's own torchmetrics.Metric failing is their error, shown with their frames."""
-    try:
+    with users_failures(metric, f"the metric {name} ({type(metric).__name__})"):
         metric.update(outputs, targets)
-    except UserCodeError:
-        raise
-    except Exception as err:
-        if not is_users_code(metric):
-            raise
-        raise UserCodeError(f"the metric {name} ({type(metric).__name__}) raised {type(err).__name__}: {err}") from err
 
 
 def metric_inputs(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from runner.callbacks import Callbacks, EarlyStopping
 from runner.data import DataSplits, complete_splits, steps_per_epoch
-from runner.errors import ConfigError, users_failures
+from runner.errors import ConfigError
 from runner.losses import Loss, build_loss, check_loss_fits
 from runner.metrics import RunMetrics, build_run_metrics, monitor_direction
 from runner.schedules import SchedulePlan, build_scheduler, check_lambda_mode, check_schedule, plan_schedule
@@ -46,8 +46,7 @@ def build_data(cfg: DictConfig) -> DataSplits:
     target = resolve_target("data", cfg.data)
     parameters = signature_parameters(target) or {}
     runner_keys = [key for key in DATA_SETTINGS if key in cfg.data and key not in parameters]
-    with users_failures(target, f"data: {cfg.data._target_}"):
-        result = build_node("data", cfg.data, leave_out=runner_keys, seed=cfg.trainer.seed)
+    result = build_node("data", cfg.data, leave_out=runner_keys, seed=cfg.trainer.seed)  # the user's failure: theirs
     settings = {key: cfg.data.get(key) for key in DATA_SETTINGS}
     return complete_splits(result, f"data ({cfg.data._target_})", settings)
 

@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, RunnerError, is_users_code, users_failures
 
 
 def resolve_target(group: str, node: DictConfig) -> Callable[..., Any]:
@@ -114,6 +114,11 @@ def build_node(
     try:
         return instantiate(node, _convert_="all", **runtime)
     except InstantiationException as err:
-        if isinstance(err.__cause__, RunnerError):  # already a message for the user
-            raise err.__cause__ from None
-        raise ConfigError(f"{group}: {qualified_name(target)} refused its arguments: {err.__cause__ or err}") from None
+        cause = err.__cause__
+        if isinstance(cause, RunnerError):  # already a message for the user
+            raise cause from None
+        if cause is not None and not isinstance(cause, TypeError) and is_users_code(target):
+            # Not its arguments: the user's own function or constructor failed, and its frames are theirs to see.
+            with users_failures(target, f"{group}: {qualified_name(target)}"):
+                raise cause from None
+        raise ConfigError(f"{group}: {qualified_name(target)} refused its arguments: {cause or err}") from None

@@ -140,3 +140,19 @@ def test_settings_added_later_leave_the_fingerprints_of_earlier_runs_as_they_wer
         assert RunSettings.of(compose("config", overrides=overrides)).fingerprint == fingerprint
         changed = RunSettings.of(compose("config", overrides=[*overrides, "trainer.early_stopping.patience=3"]))
     assert changed.fingerprint != fingerprint
+
+
+def test_a_users_data_function_that_raises_is_their_error_not_refused_arguments(make_config, tmp_path, monkeypatch):
+    """Hydra wraps whatever the target raises; an error inside the user's own function keeps its frames."""
+    from runner.build import build_data
+    from runner.errors import ConfigError, UserCodeError
+
+    (tmp_path / "broken_data.py").write_text(
+        "def load(seed):\n    return 1 / 0\n\n\ndef strict(seed, rows):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserCodeError, match="data: broken_data.load raised ZeroDivisionError: division by zero") as err:
+        build_data(make_config("data=custom", "data._target_=broken_data.load"))
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+    with pytest.raises(ConfigError, match=r"data \(broken_data.strict\): missing required rows"):
+        build_data(make_config("data=custom", "data._target_=broken_data.strict"))

@@ -83,7 +83,7 @@ def build_everything(cfg: DictConfig, device: torch.device, world_size: int = 1)
     check_before_data(cfg)
     data = build_data(cfg)
     metrics = build_run_metrics(cfg.get("metrics"), data.task, data.num_classes)
-    steps = steps_per_epoch(len(data.train), cfg.trainer.batch_size, world_size)
+    steps = steps_per_epoch(len(data.train), cfg.trainer.batch_size, world_size, cfg.trainer.accumulate_grad_batches)
     plan = plan_schedule(cfg.scheduler, cfg.trainer.epochs, steps, metrics)
     build_optimizer = optimizer_builder(cfg)
     check_schedule(plan, build_optimizer)  # a NaN, negative or failing LR at some epoch fails here, not mid-run

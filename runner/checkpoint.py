@@ -43,11 +43,14 @@ class StepCheckpoints:
 
     def __init__(self, should_stop: Any, every: int, write: Any, mid_epoch: Any):
         self.should_stop, self.every, self.write, self.mid_epoch = should_stop, every, write, mid_epoch
+        self.written_at = -1  # with gradient accumulation the loop asks after every batch, not every step
 
     def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
         stopping = self.should_stop(global_step, epoch_end=epoch_end)
-        if not stopping and not epoch_end and global_step % self.every == 0 and self.mid_epoch():
+        due = global_step % self.every == 0 and global_step != self.written_at
+        if not stopping and not epoch_end and due and self.mid_epoch():
             self.write()
+            self.written_at = global_step
         return stopping
 
     def __getattr__(self, name: str) -> Any:

@@ -57,6 +57,7 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     gradient_clip_val: float | None = None  # clip gradients before each optimizer step; None: never
     gradient_clip_algorithm: str = "norm"  # norm: the total 2-norm at most the value | value: each element within +-it
+    accumulate_grad_batches: int = 1  # N > 1: one optimizer step per N batches of trainer.batch_size
 
 
 @dataclass
@@ -130,6 +131,11 @@ def check_outcome_settings(trainer: DictConfig) -> None:
     if trainer.gradient_clip_val is not None and not trainer.gradient_clip_val > 0:
         raise ConfigError(
             f"trainer.gradient_clip_val must be above 0 (or null: no clipping), got {trainer.gradient_clip_val}."
+        )
+    if trainer.accumulate_grad_batches < 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches must be at least 1 (1: a step per batch), got "
+            f"{trainer.accumulate_grad_batches}."
         )
     if trainer.gradient_clip_algorithm not in ("norm", "value"):
         raise ConfigError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}: use norm or value.")

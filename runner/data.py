@@ -152,9 +152,11 @@ def shard_size(size: int, rank: int, world_size: int, pad: bool) -> int:
     return math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
 
 
-def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps in one epoch of ``size`` training samples, ``batch_size`` being the global batch."""
-    return math.ceil(shard_size(size, 0, world_size, pad=True) / (batch_size // world_size))
+def steps_per_epoch(size: int, batch_size: int, world_size: int = 1, accumulate: int = 1) -> int:
+    """Optimizer steps in one epoch of ``size`` training samples, ``batch_size`` being the global batch of one
+    forward pass and ``accumulate`` the batches summed into each step (the epoch's last step may sum fewer)."""
+    batches = math.ceil(shard_size(size, 0, world_size, pad=True) / (batch_size // world_size))
+    return math.ceil(batches / accumulate)
 
 
 def split_indices(size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +301,13 @@ class DeviceBatcher:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
 
+    @property
+    def samples(self) -> int:
+        """This rank's samples in one epoch."""
+        return shard_size(len(self.x), self.rank, self.world_size, self.shuffle)
+
     def __len__(self) -> int:
-        return math.ceil(shard_size(len(self.x), self.rank, self.world_size, self.shuffle) / self.batch_size)
+        return math.ceil(self.samples / self.batch_size)
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         size = len(self.x)
@@ -360,8 +367,13 @@ class LoaderBatcher:
             persistent_workers=False,
         )
 
+    @property
+    def samples(self) -> int:
+        """This rank's samples in one epoch."""
+        return self.sampler.shard_size
+
     def __len__(self) -> int:
-        return math.ceil(self.sampler.shard_size / self.batch_size)
+        return math.ceil(self.samples / self.batch_size)
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.start = epoch, skip_batches * self.batch_size

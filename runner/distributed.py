@@ -56,11 +56,15 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self, batch_size: int) -> str:
+    def describe(self, batch_size: int, accumulate: int = 1) -> str:
+        """How the processes share a step's samples, and how many batches each step sums."""
+        summed = f"{accumulate} batches of {batch_size} per step, {accumulate * batch_size} samples"
         if not self.enabled:
-            return ""
+            return f" ({summed})" if accumulate > 1 else ""
         processes = f"{self.world_size} process" + ("es" if self.world_size > 1 else "")
         per_process = batch_size // self.world_size
+        if accumulate > 1:
+            return f" (DDP over {processes}, {self.backend}; {per_process} samples per process per batch, {summed})"
         return (
             f" (DDP over {processes}, {self.backend}; {per_process} samples per process per step, {batch_size} in all)"
         )

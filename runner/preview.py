@@ -78,7 +78,10 @@ def preview(overrides: list[str], steps_per_epoch: int | None) -> Preview:
     check_settings(cfg)
     check_before_data(cfg)
     if steps_per_epoch is None and counts_batches(cfg):
-        steps_per_epoch = count_steps(len(build_data(cfg).train), cfg.trainer.batch_size)
+        trainer = cfg.trainer
+        steps_per_epoch = count_steps(
+            len(build_data(cfg).train), trainer.batch_size, 1, trainer.accumulate_grad_batches
+        )
         log.info(f"{steps_per_epoch} steps per epoch, counted from the data (--steps-per-epoch N skips that)")
     plan = plan_schedule(cfg.scheduler, cfg.trainer.epochs, steps_per_epoch or 1)
     step_lrs: list[float] = []

@@ -58,6 +58,7 @@ ADDED_SETTINGS_AT_DEFAULT = {
     "trainer.early_stopping.min_delta": "0.0",
     "trainer.gradient_clip_val": "None",
     "trainer.gradient_clip_algorithm": "norm",
+    "trainer.accumulate_grad_batches": "1",
 }
 
 

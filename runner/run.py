@@ -72,6 +72,7 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     if ranks.is_main:
         record.save()
         OmegaConf.save(settings.config, resolved_config)
-    log.info(f"training on {ranks.device} in {record.run_dir}{ranks.describe(cfg.trainer.batch_size)}")
+    sharing = ranks.describe(cfg.trainer.batch_size, cfg.trainer.accumulate_grad_batches)
+    log.info(f"training on {ranks.device} in {record.run_dir}{sharing}")
     session.start_tracking(context, launch, resolved_config)
     return session.run()

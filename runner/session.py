@@ -73,6 +73,8 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
         detect_nonfinite=trainer.detect_nonfinite,
         clip_value=trainer.gradient_clip_val,
         clip_by_norm=trainer.gradient_clip_algorithm == "norm",
+        accumulate=trainer.accumulate_grad_batches,
+        no_sync=wrapped.no_sync if wrapped is not None else None,
     )
 
 
@@ -99,7 +101,9 @@ class TrainingSession:
         if self.loop.scaler is not None:
             self.state.register("grad_scaler", self.loop.scaler, optional=True)
         self.state.register("progress", self.progress)
-        self.state.register("ranks", RankStreams(self.progress, ranks))  # after progress: it sets the running loss
+        self.state.register(
+            "ranks", RankStreams(self.progress, ranks, self.loop)
+        )  # after progress: it sets the running loss
         self.state.register("history", self.history)
         self.state.register("callbacks", built.callbacks)
         higher = monitor_direction(cfg.trainer.monitor, cfg.trainer.monitor_mode, built.metrics)

@@ -27,8 +27,9 @@ EXIT_INTERRUPTED_TWICE = 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 # Fault injection for the resume tests: "SIGNAME:STEP" makes the process send itself that real signal right
-# after global step STEP, so a test can interrupt mid-epoch at an exact point; "SIGNAME:STEP:RANK" only the
-# DDP rank RANK, and only in torchrun's first attempt (a restart must get past that step).
+# after global step STEP, so a test can interrupt mid-epoch at an exact point; "SIGNAME:STEP+B" B batches later,
+# in the middle of the next step's gradient accumulation; "SIGNAME:STEP:RANK" only the DDP rank RANK, and only in
+# torchrun's first attempt (a restart must get past that step).
 FAULT_AT_STEP_ENV = "RUNNER_FAULT_AT_STEP"
 # For the cluster tests: sleep this many seconds after every optimizer step, so that a tiny run lasts as long as
 # SLURM's shortest time limit (a minute) needs, without taking the CPU the other jobs share. The result is the same.
@@ -77,16 +78,19 @@ class StopFlag:
     def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
         if self._step_delay and not epoch_end:
             time.sleep(self._step_delay)
-        if self._fault is not None and global_step == self._fault[1]:
-            signum, self._fault = self._fault[0], None  # once: the loop may ask twice at an epoch's last step
-            os.kill(os.getpid(), signum)
+        if self._fault is not None and global_step == self._fault[1] and not epoch_end:
+            signum, step, batches_later = self._fault
+            self._fault = (signum, step, batches_later - 1) if batches_later else None  # once
+            if not batches_later:
+                os.kill(os.getpid(), signum)
         return self.signal_name is not None
 
 
-def _parse_fault(spec: str | None) -> tuple[int, int] | None:
+def _parse_fault(spec: str | None) -> tuple[int, int, int] | None:
     if not spec:
         return None
     name, step, *rank = spec.split(":")
     if rank and (rank[0] != os.environ.get("RANK", "0") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
         return None
-    return signal.Signals[name].value, int(step)
+    step, _, batches_later = step.partition("+")
+    return signal.Signals[name].value, int(step), int(batches_later or 0)

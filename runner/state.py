@@ -123,14 +123,20 @@ class RankStreams:
     differ from an uninterrupted run.
     """
 
-    def __init__(self, progress: Any, ranks: Any):
-        self.progress, self.ranks = progress, ranks  # runner.train.Progress, runner.distributed.Distributed
+    def __init__(self, progress: Any, ranks: Any, loop: Any):
+        # runner.train.Progress, runner.distributed.Distributed, runner.train.Loop
+        self.progress, self.ranks, self.loop = progress, ranks, loop
 
     def state_dict(self) -> dict[str, Any]:
         progress = self.progress
         loss_sum = progress.loss_sum.detach().cpu() if progress.loss_sum is not None else None
         mine = {"rng": capture_rng_state(self.ranks.device), "loss_sum": loss_sum, "samples": progress.samples}
+        if self.loop.accumulating(progress.batch):  # a stop between the batches of one step (each rank's own sums)
+            mine["gradients"] = [None if p.grad is None else p.grad.detach().cpu() for p in self._parameters()]
         return {"ranks": self.ranks.gather(mine)}
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.loop.model.parameters())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, ranks, progress = state["ranks"], self.ranks, self.progress
@@ -151,3 +157,20 @@ class RankStreams:
         progress.loss_sum = loss_sum.to(ranks.device) if loss_sum is not None else None
         progress.samples = samples
         restore_rng_state(mine["rng"], ranks.device)
+        if "gradients" in saved[0]:
+            self._restore_gradients(mine["gradients"] if len(saved) == ranks.world_size else _mean(saved))
+
+    def _restore_gradients(self, gradients: list[torch.Tensor | None]) -> None:
+        """The gradients summed for the step in progress, so the rest of its batches add to them."""
+        parameters = self._parameters()
+        if len(gradients) != len(parameters):
+            raise ValueError(f"it holds gradients of {len(gradients)} parameters, the model has {len(parameters)}")
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = None if gradient is None else gradient.to(parameter.device, parameter.dtype)
+
+
+def _mean(saved: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+    """Each parameter's gradient averaged over the ranks that wrote them: DDP averages at the step, so every rank of
+    another number of processes starting from the mean ends the step with the same gradients."""
+    columns = zip(*(rank["gradients"] for rank in saved), strict=True)
+    return [None if grads[0] is None else torch.stack(list(grads)).mean(0) for grads in columns]

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +33,9 @@ DIVERGED_FIX = (
 
 
 class Batches(Protocol):
+    batch_size: int  # this rank's
+    samples: int  # this rank's in one epoch: every batch is batch_size of them but the last
+
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -84,6 +88,28 @@ class Loop:
     detect_nonfinite: bool = True  # a NaN or infinite epoch training loss raises Diverged
     clip_value: float | None = None  # trainer.gradient_clip_val
     clip_by_norm: bool = True  # trainer.gradient_clip_algorithm == "norm"
+    accumulate: int = 1  # trainer.accumulate_grad_batches: batches summed into each optimizer step
+    no_sync: Callable[[], AbstractContextManager] | None = None  # DDP's: no all-reduce on a batch that does not step
+
+    def ends_step(self, batch: int) -> bool:
+        """Whether ``batch`` (0-based, in the epoch) is the last of the batches summed into one optimizer step."""
+        return (batch + 1) % self.accumulate == 0 or batch + 1 == len(self.train_batches)
+
+    def loss_weight(self, batch: int, samples: int) -> float:
+        """What a batch of ``samples`` multiplies its mean loss by so that its step's gradient is the mean over all
+        the samples of the step's batches, the epoch's short last batch included (1 without accumulation)."""
+        if self.accumulate == 1:
+            return 1.0
+        size, start = self.train_batches.batch_size, batch - batch % self.accumulate
+        return samples / (min((start + self.accumulate) * size, self.train_batches.samples) - start * size)
+
+    def accumulating(self, batch: int) -> bool:
+        """Whether gradients summed for a step not yet taken are in the parameters after ``batch`` batches."""
+        return batch % self.accumulate > 0 and batch < len(self.train_batches)
+
+    def steps_done(self, batch: int) -> int:
+        """Optimizer steps taken in an epoch once ``batch`` of its batches are done."""
+        return batch // self.accumulate + (batch == len(self.train_batches) and batch % self.accumulate > 0)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         try:
@@ -178,7 +204,7 @@ def _optimizer_step(loop: Loop, progress: Progress) -> None:
 def check_finite(loop: Loop, progress: Progress, train_loss: float) -> None:
     """Raise Diverged for a NaN or infinite training loss (``trainer.detect_nonfinite``), before the epoch counts."""
     if loop.detect_nonfinite and not math.isfinite(train_loss):
-        first, last = progress.global_step - progress.batch + 1, progress.global_step
+        first, last = progress.global_step - loop.steps_done(progress.batch) + 1, progress.global_step
         raise Diverged(
             f"training diverged: the training loss is {train_loss} over epoch {progress.epoch + 1}/{loop.epochs} "
             f"(steps {first}-{last}, lr now {_lrs(loop.optimizer)}). {DIVERGED_FIX}"
@@ -190,7 +216,12 @@ def _lrs(optimizer: torch.optim.Optimizer) -> str:
 
 
 def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., bool]) -> bool:
-    """Run the rest of ``progress.epoch``'s optimizer steps; False if a stop was asked for part-way."""
+    """Run the rest of ``progress.epoch``'s batches; False if a stop was asked for part-way.
+
+    With ``loop.accumulate`` = N the gradients of N batches are summed (each loss divided by N, so a step sees the
+    mean over N x batch_size samples) before each optimizer step; a stop may come between them, and the
+    checkpoint then holds the gradients summed so far (runner.state.RankStreams).
+    """
     loop.model.train()
     device = next(loop.model.parameters()).device
     progress.start_epoch(device, current_lrs(loop.optimizer))
@@ -205,29 +236,19 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
     next_refresh = time.monotonic() + PROGRESS_REFRESH_SECONDS
     with bar:
         for inputs, targets in loop.train_batches.epoch(progress.epoch, skip_batches=progress.batch):
-            if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
-                progress.lr_steps[progress.global_step] = float(
-                    loop.optimizer.param_groups[0]["lr"]
-                )  # a Python float: no sync
-            loop.optimizer.zero_grad(set_to_none=True)
-            loss = loop.loss(loop.outputs(inputs, training=True), targets)
-            if loop.scaler is None:
-                loss.backward()
-                _clip_gradients(loop, progress)
-                _optimizer_step(loop, progress)
-            else:
-                loop.scaler.scale(loss).backward()
-                if loop.clip_value is not None:
-                    loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
-                    _clip_gradients(loop, progress)
-                loop.scaler.step(loop.optimizer)  # skipped when the scaled gradients overflowed
-                loop.scaler.update()
-            if loop.scheduler_per_batch:
-                loop.scheduler.step()
+            if progress.batch % loop.accumulate == 0:  # the first batch of an optimizer step
+                if loop.log_lr_every and progress.global_step % loop.log_lr_every == 0:
+                    progress.lr_steps[progress.global_step] = float(
+                        loop.optimizer.param_groups[0]["lr"]
+                    )  # a Python float: no sync
+                loop.optimizer.zero_grad(set_to_none=True)
+            steps_now = loop.ends_step(progress.batch)
+            loss = _backward(loop, inputs, targets, loop.loss_weight(progress.batch, len(targets)), steps_now)
+            if steps_now:
+                _step(loop, progress)
             progress.loss_sum.add_(loss.detach(), alpha=len(targets))  # one kernel, no host sync
             progress.samples += len(targets)
             progress.batch += 1
-            progress.global_step += 1
             bar.update()
             if not bar.disable and time.monotonic() >= next_refresh:
                 bar.set_postfix(
@@ -237,6 +258,32 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
             if should_stop(progress.global_step) and progress.batch < len(loop.train_batches):
                 return False
     return True
+
+
+def _backward(loop: Loop, inputs: torch.Tensor, targets: torch.Tensor, weight: float, sync: bool) -> torch.Tensor:
+    """One batch's forward and backward, its gradients (its loss times ``weight``) added to those of its step's
+    batches so far; its loss."""
+    with nullcontext() if sync or loop.no_sync is None else loop.no_sync():  # DDP all-reduces at the step's end
+        loss = loop.loss(loop.outputs(inputs, training=True), targets)
+        scaled = loss if weight == 1.0 else loss * weight
+        (scaled if loop.scaler is None else loop.scaler.scale(scaled)).backward()
+    return loss
+
+
+def _step(loop: Loop, progress: Progress) -> None:
+    """The optimizer step on the summed gradients (clipped first if asked), and a per-step scheduler's step."""
+    if loop.scaler is None:
+        _clip_gradients(loop, progress)
+        _optimizer_step(loop, progress)
+    else:
+        if loop.clip_value is not None:
+            loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
+            _clip_gradients(loop, progress)
+        loop.scaler.step(loop.optimizer)  # skipped when the scaled gradients overflowed
+        loop.scaler.update()
+    if loop.scheduler_per_batch:
+        loop.scheduler.step()
+    progress.global_step += 1
 
 
 @torch.no_grad()
@@ -334,7 +381,7 @@ def train(
         check_finite(loop, progress, loss_sum / max(samples, 1))
         result.metrics["train_loss"] = loss_sum / max(samples, 1)
         if loop.clip_value is not None:  # the same on every rank (the gradients are all-reduced): no sum
-            result.metrics["grad_norm"] = progress.grad_norm_sum.item() / max(len(loop.train_batches), 1)
+            result.metrics["grad_norm"] = progress.grad_norm_sum.item() / max(loop.steps_done(progress.batch), 1)
         if not loop.scheduler_per_batch and loop.monitor is None:
             loop.scheduler.step()
         result.metrics.update(evaluate(loop))

@@ -317,3 +317,36 @@ def test_a_divergence_under_ddp_is_one_line_from_rank_zero_and_both_ranks_leave_
     assert "the training loss is nan over epoch 1/4" in line
     assert result.stderr.count("exitcode  : 1") >= 1 and "Connection closed by peer" not in result.stderr
     assert "[rank1]" not in result.stderr, result.stderr[-3000:]
+
+
+def test_accumulated_steps_under_ddp_keep_the_global_batch_and_resume_bitwise_mid_accumulation(tmp_path):
+    """Nine batches of 32 (16 per rank, summed without an all-reduce until the ninth) per step: the same steps as
+    one process takes, and a stop between the nine resumes to the uninterrupted run's result bit for bit. Where the
+    agreed stop lands is the ranks' choice: 8 times in 9 mid-step, when the checkpoint holds each rank's sums."""
+    accumulating = [*BASE, "trainer.epochs=2", "trainer.accumulate_grad_batches=9", "trainer.strategy=ddp"]
+    (tmp_path / "whole").mkdir()
+    whole = torchrun(tmp_path / "whole", *accumulating)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (reference_dir,) = run_dirs(tmp_path / "whole")
+    reference = final_bundle(reference_dir)
+    assert reference["progress"]["global_step"] == 10  # 45 batches an epoch, 5 steps
+
+    (started,) = runner_lines(whole.stderr, "training on cpu in")
+    assert "16 samples per process per batch, 9 batches of 32 per step, 288 samples)" in started
+    (tmp_path / "single").mkdir()
+    single = run_runner(*accumulating[:-1], f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    (single_dir,) = run_dirs(tmp_path / "single")
+    for name, value in final_bundle(single_dir)["model"].items():
+        torch.testing.assert_close(reference["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+    (tmp_path / "stopped").mkdir()
+    stopped = torchrun(tmp_path / "stopped", *accumulating, fault="SIGTERM:6+1:1")  # rank 1, epoch 2's 2nd step
+    assert "exitcode: 75" in stopped.stderr, stopped.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "stopped")
+    held = final_bundle(run_dir)
+    ranks = held["ranks"]["ranks"]
+    assert all(("gradients" in rank) == (held["progress"]["batch"] % 9 > 0) for rank in ranks)
+    resumed = torchrun(tmp_path / "stopped", *accumulating)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_result(final_bundle(run_dir), reference)

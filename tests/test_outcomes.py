@@ -259,3 +259,73 @@ def test_a_run_with_clipping_stopped_mid_epoch_resumes_bitwise_grad_norm_include
     reference = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
     assert all("grad_norm" in epoch for epoch in reference["history"]["epochs"])
     assert_same_result(torch.load(list_checkpoints(tmp_path / "stopped")[-1], weights_only=True), reference)
+
+
+def train_in_process(cfg):
+    """Build and train ``cfg`` through the runner's own loop in this process; (model, each epoch's result)."""
+    from runner.build import build_everything
+    from runner.distributed import Distributed
+    from runner.session import make_loop
+    from runner.train import Progress, train
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.trainer.seed)
+    built = build_everything(cfg, cpu)
+    loop = make_loop(cfg, built, Distributed(cpu))
+    results = []
+    train(loop, Progress(), results.append)
+    return built.model, results, loop
+
+
+def test_four_accumulated_batches_of_8_step_like_one_batch_of_32(make_config):
+    """A model without batch-dependent layers: the same samples reach each step, the same mean gradient, the same
+    per-step schedule (OneCycle over the optimizer steps, not the batches)."""
+    schedule = ["scheduler=onecycle", "trainer.epochs=2", "tracking.log_every_n_steps=1"]
+    model_32, results_32, loop_32 = train_in_process(make_config(*schedule, "trainer.batch_size=32"))
+    accumulated = [*schedule, "trainer.batch_size=8", "trainer.accumulate_grad_batches=4"]
+    model_4x8, results_4x8, loop_4x8 = train_in_process(make_config(*accumulated))
+
+    # 1438 samples: 45 steps, the last of 30 samples (3 batches of 8 and one of 6, weighted by their samples)
+    assert (len(loop_4x8.train_batches), len(loop_32.train_batches), loop_32.train_batches.samples) == (180, 45, 1438)
+    assert results_4x8[-1].lr_steps == pytest.approx(results_32[-1].lr_steps, rel=1e-12)  # 45 steps an epoch
+    assert sorted(results_4x8[-1].lr_steps) == list(range(45, 90))
+    for (name, expected), actual in zip(model_32.state_dict().items(), model_4x8.state_dict().values(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=name)
+    for epoch_32, epoch_4x8 in zip(results_32, results_4x8, strict=True):
+        assert epoch_4x8.metrics["val_loss"] == pytest.approx(epoch_32.metrics["val_loss"], rel=1e-4)
+
+
+def test_accumulation_that_cannot_work_is_one_line(make_config):
+    from runner.config import check_settings
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches must be at least 1 \(1: a step per batch"):
+        check_settings(make_config("trainer.accumulate_grad_batches=0"))
+
+
+def test_a_run_stopped_in_the_middle_of_an_accumulation_resumes_bitwise(tmp_path):
+    """SIGTERM two batches into a step of four: the checkpoint holds the gradients summed so far, and the resumed
+    run adds the other two batches' to them. Per-step schedule, clipping: every piece of the step is in play."""
+    from conftest import assert_same_result
+
+    accumulating = [
+        "trainer.deterministic=true",
+        "trainer.batch_size=8",
+        "trainer.accumulate_grad_batches=4",
+        "trainer.epochs=2",
+        "scheduler=onecycle",
+        "trainer.gradient_clip_val=0.5",
+    ]
+    whole = launch(tmp_path, *accumulating, run_dir="whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    overrides = [*BASE, *accumulating, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=stopped"]
+    stopped = run_runner(*overrides, cwd=tmp_path, env={FAULT_AT_STEP_ENV: "SIGTERM:50+2"})  # epoch 2, step 51
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert "at epoch 2, batch 22" in stopped.stderr, stopped.stderr[-2000:]  # (50 - 45) x 4 + 2 batches into it
+    held = torch.load(list_checkpoints(tmp_path / "stopped")[-1], weights_only=True)
+    assert held["progress"]["global_step"] == 50 and len(held["ranks"]["ranks"][0]["gradients"]) > 0
+    resumed = run_runner(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0 and "epoch 2/2, batch 22 of 180" in resumed.stderr, resumed.stderr[-2000:]
+    reference = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
+    assert reference["progress"]["global_step"] == 90
+    assert_same_result(torch.load(list_checkpoints(tmp_path / "stopped")[-1], weights_only=True), reference)

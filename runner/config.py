@@ -58,6 +58,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None  # clip gradients before each optimizer step; None: never
     gradient_clip_algorithm: str = "norm"  # norm: the total 2-norm at most the value | value: each element within +-it
     accumulate_grad_batches: int = 1  # N > 1: one optimizer step per N batches of trainer.batch_size
+    test_with: str = "best"  # the checkpoint scored on the test split at the end: best | last
 
 
 @dataclass
@@ -137,6 +138,8 @@ def check_outcome_settings(trainer: DictConfig) -> None:
             "trainer.accumulate_grad_batches must be at least 1 (1: a step per batch), got "
             f"{trainer.accumulate_grad_batches}."
         )
+    if trainer.test_with not in ("best", "last"):
+        raise ConfigError(f"trainer.test_with={trainer.test_with!r}: use best (checkpoints/best.pt) or last.")
     if trainer.gradient_clip_algorithm not in ("norm", "value"):
         raise ConfigError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}: use norm or value.")
     if trainer.monitor_mode not in (None, "min", "max"):

@@ -167,13 +167,39 @@ def split_indices(size: int, val_fraction: float, seed: int) -> tuple[torch.Tens
     return order[n_val:], order[:n_val]
 
 
+def hold_out_test(train_idx: torch.Tensor, size: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``data.test_fraction`` of all ``size`` samples taken from the training indices for a test split (None at 0).
+
+    The validation split stays the one ``split_indices`` chose: adding a test split changes only the training set.
+    """
+    if test_fraction == 0:
+        return train_idx, None
+    n_test = max(1, round(size * test_fraction))
+    if not 0 < test_fraction < 1 or n_test >= len(train_idx):
+        raise ConfigError(
+            f"data.test_fraction={test_fraction} leaves no training samples: data.val_fraction and data.test_fraction "
+            f"together must stay below 1."
+        )
+    return train_idx[n_test:], train_idx[:n_test]
+
+
 def _tensor_splits(
-    x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int, num_classes: int | None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val_fraction: float,
+    seed: int,
+    num_classes: int | None,
+    test_fraction: float = 0.0,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DataSplits:
     train_idx, val_idx = split_indices(len(x), val_fraction, seed)
+    train_idx, test_idx = hold_out_test(train_idx, len(x), test_fraction)
+    if test_idx is not None:
+        test = (x[test_idx], y[test_idx])
     return DataSplits(
         TensorDataset(x[train_idx], y[train_idx]),
         TensorDataset(x[val_idx], y[val_idx]),
+        TensorDataset(*test) if test is not None else None,
         input_shape=tuple(x.shape[1:]),
         num_classes=num_classes,
         task="classification" if num_classes else "regression",
@@ -199,27 +225,29 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32), digits.target.astype(np.int64)
 
 
-def load_digits(seed: int, val_fraction: float = 0.2) -> DataSplits:
+def load_digits(seed: int, val_fraction: float = 0.2, test_fraction: float = 0.0) -> DataSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as 1x8x8 images in [0, 1]."""
     images, labels = digits_arrays()
     x = torch.from_numpy(images).unsqueeze(1) / 16.0
-    return _tensor_splits(x, torch.from_numpy(labels), val_fraction, seed, num_classes=10)
+    return _tensor_splits(x, torch.from_numpy(labels), val_fraction, seed, 10, test_fraction)
 
 
-def load_regression(seed: int, size: int = 1000, noise: float = 0.3, val_fraction: float = 0.2) -> DataSplits:
+def load_regression(
+    seed: int, size: int = 1000, noise: float = 0.3, val_fraction: float = 0.2, test_fraction: float = 0.0
+) -> DataSplits:
     """Synthetic 1-D regression: y = x + noise * N(0, 1), x uniform on [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(size, 1, generator=generator) * 2 - 1
     y = x + noise * torch.randn(size, 1, generator=generator)
-    return _tensor_splits(x, y, val_fraction, seed, num_classes=None)
+    return _tensor_splits(x, y, val_fraction, seed, None, test_fraction)
 
 
-def _torchvision_dataset(name: str, root: str, download: bool, **kwargs):
+def _torchvision_dataset(name: str, root: str, download: bool, train: bool = True, **kwargs):
     import torchvision
 
     folder = Path(root).expanduser().resolve()
     try:
-        return getattr(torchvision.datasets, name)(str(folder), train=True, download=download, **kwargs)
+        return getattr(torchvision.datasets, name)(str(folder), train=train, download=download, **kwargs)
     except RuntimeError as err:
         if download:
             raise ConfigError(f"data: could not download {name} into {folder}: {err}") from None
@@ -232,35 +260,40 @@ def _torchvision_dataset(name: str, root: str, download: bool, **kwargs):
 def _load_mnist_like(
     name: str, seed: int, root: str, download: bool, val_fraction: float, mean: float, std: float
 ) -> DataSplits:
-    dataset = _torchvision_dataset(name, root, download)
-    x = (dataset.data.float().div(255.0).unsqueeze(1) - mean) / std
-    return _tensor_splits(x, dataset.targets.long(), val_fraction, seed, num_classes=10)
+    def images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dataset.data.float().div(255.0).unsqueeze(1) - mean) / std, dataset.targets.long()
+
+    test = images(_torchvision_dataset(name, root, download, train=False))  # the official 10,000 test images
+    return _tensor_splits(*images(_torchvision_dataset(name, root, download)), val_fraction, seed, 10, test=test)
 
 
 def load_mnist(seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12) -> DataSplits:
-    """MNIST's 60,000 training images, held in memory; the validation split is taken from them by seed."""
+    """MNIST's 60,000 training images, held in memory; the validation split is taken from them by seed, the test
+    split is MNIST's own."""
     return _load_mnist_like("MNIST", seed, root, download, val_fraction, 0.1307, 0.3081)
 
 
 def load_fashion_mnist(
     seed: int, root: str = "data", download: bool = False, val_fraction: float = 1 / 12
 ) -> DataSplits:
-    """Fashion-MNIST's 60,000 training images, held in memory; the validation split is taken by seed."""
+    """Fashion-MNIST's 60,000 training images, held in memory; the validation split is taken by seed, the test
+    split is Fashion-MNIST's own."""
     return _load_mnist_like("FashionMNIST", seed, root, download, val_fraction, 0.2860, 0.3530)
 
 
 def load_cifar10(seed: int, root: str = "data", download: bool = False, val_fraction: float = 0.1) -> DataSplits:
-    """CIFAR-10's 50,000 training images through a DataLoader; the validation split is taken by seed."""
+    """CIFAR-10's 50,000 training images through a DataLoader; the validation split is taken by seed, the test
+    split is CIFAR-10's own 10,000."""
     from torchvision import transforms
 
     normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-    dataset = _torchvision_dataset(
-        "CIFAR10", root, download, transform=transforms.Compose([transforms.ToTensor(), normalize])
-    )
+    transform = transforms.Compose([transforms.ToTensor(), normalize])
+    dataset = _torchvision_dataset("CIFAR10", root, download, transform=transform)
+    test = _torchvision_dataset("CIFAR10", root, download, train=False, transform=transform)
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
     classes = list(dataset.classes)
     train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
-    return DataSplits(train, val, input_shape=(3, 32, 32), num_classes=10, classes=classes)
+    return DataSplits(train, val, test, input_shape=(3, 32, 32), num_classes=10, classes=classes)
 
 
 def load_fake(
@@ -269,6 +302,7 @@ def load_fake(
     image_size: tuple[int, int, int] = (3, 32, 32),
     num_classes: int = 10,
     val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
 ) -> DataSplits:
     """torchvision's FakeData: random images made per item, read through a DataLoader like files would be."""
     from torchvision import datasets, transforms
@@ -277,8 +311,10 @@ def load_fake(
         size, tuple(image_size), num_classes, transform=transforms.ToTensor(), random_offset=seed
     )
     train_idx, val_idx = split_indices(size, val_fraction, seed)
+    train_idx, test_idx = hold_out_test(train_idx, size, test_fraction)
     train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
-    return DataSplits(train, val, input_shape=tuple(image_size), num_classes=num_classes)
+    test = Subset(dataset, test_idx.tolist()) if test_idx is not None else None
+    return DataSplits(train, val, test, input_shape=tuple(image_size), num_classes=num_classes)
 
 
 class DeviceBatcher:

@@ -42,6 +42,7 @@ OPERATIONAL_KEYS = (
     "trainer.backend",
     "trainer.detect_nonfinite",  # changes nothing in a run that stays finite
     "trainer.keep_best",  # how many best epochs are kept (trainer.monitor is not here: early stopping reads it)
+    "trainer.test_with",  # which checkpoint the test split scores, after training
 )
 
 
@@ -59,6 +60,8 @@ ADDED_SETTINGS_AT_DEFAULT = {
     "trainer.gradient_clip_val": "None",
     "trainer.gradient_clip_algorithm": "norm",
     "trainer.accumulate_grad_batches": "1",
+    "data.test_fraction": "0.0",
+    "data.test_path": "None",
 }
 
 
@@ -91,6 +94,7 @@ class RunRecord:
     created: float = 0.0
     diverged: str | None = None  # what the divergence was: the same command then refuses instead of resuming
     stopped_early: str | None = None  # finished before trainer.epochs: when, and which callback said why
+    test_metrics: dict | None = None  # the test split's scores at the end (trainer.test_with's checkpoint)
 
     def save(self) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
@@ -136,6 +140,7 @@ _FIELD_TYPES = {
     "created": (int, float),
     "diverged": (str, type(None)),
     "stopped_early": (str, type(None)),
+    "test_metrics": (dict, type(None)),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from runner import __version__
-from runner.best import BestCheckpoints
+from runner.best import BestCheckpoints, best_file
 from runner.build import Built
 from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, not_written, save_checkpoint
 from runner.data import make_batcher
@@ -30,7 +30,7 @@ from runner.resume import RunRecord
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
 from runner.tracking import Tracker, git_commit
-from runner.train import EpochResult, Loop, Progress, check_finite, train
+from runner.train import EpochResult, Loop, Progress, check_finite, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
         scheduler=built.scheduler,
         train_batches=batcher(built.data.train, shuffle=True),
         val_batches=batcher(built.data.val, shuffle=False),
+        test_batches=batcher(built.data.test, shuffle=False) if built.data.test is not None else None,
         loss_fn=built.loss,
         epochs=trainer.epochs,
         metrics={name: metric.to(ranks.device) for name, metric in built.metrics.computers.items()},
@@ -209,6 +210,7 @@ class TrainingSession:
             completed = self.finished_early or train(self.loop, self.progress, self.end_epoch, stop)
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
+                self._score_test()
             path = None if completed else self.checkpoint()
             lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
@@ -339,6 +341,26 @@ class TrainingSession:
             "torch_version": str(torch.__version__),
             "runner_version": __version__,
         }
+
+    def _score_test(self) -> None:
+        """The test split's scores, once, at the end: ``trainer.test_with``'s checkpoint (best.pt, or the model as
+        trained) evaluated on it, into the log, MLflow (``test_<metric>``, at the last epoch's step) and
+        runner.json. The final checkpoint is written already: loading the best weights changes nothing on disk."""
+        if self.loop.test_batches is None:
+            return
+        tested = "the last epoch"
+        if self.trainer.test_with == "best":
+            path = best_file(self.record.run_dir)
+            if path.is_file():  # under DDP every rank reads it: rank 0 wrote it before sharing the final checkpoint
+                best = torch.load(path, map_location=self.ranks.device, weights_only=True)
+                self.model.load_state_dict(best["model"])
+                tested = f"best.pt (epoch {best['epoch']}, {best['monitor']['name']} {best['monitor']['value']:.4g})"
+        metrics = evaluate(self.loop, "test")
+        log.info(f"test split, {tested}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+        if self.ranks.is_main:
+            self.record.test_metrics = metrics
+            step = len(self.history.epochs) - 1
+            self.persister.submit(lambda: self.tracker.log_metrics(metrics, step))
 
     def _record_divergence(self, err: Diverged) -> None:
         """runner.json says the run diverged, so the same command refuses instead of resuming into it. Every rank

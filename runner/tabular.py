@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from runner.data import TASKS, DataSplits, split_indices
+from runner.data import TASKS, DataSplits, hold_out_test, split_indices
 from runner.errors import ConfigError
 
 
@@ -98,6 +98,17 @@ def _targets(
     return torch.tensor([index[name] for name in names], dtype=torch.long), classes
 
 
+def _other_table(
+    path: str, key: str, columns: list[str], target: str, task: str, classes: list[str] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation or test table's rows, with the training table's columns and classes."""
+    table = read_table(path, key)
+    _feature_columns(table, path, target, columns)
+    _check_cells(table, path, [*columns, target])
+    y, _ = _targets(table[target], task, classes, path, target)
+    return torch.tensor(table[columns].astype("float32").to_numpy()), y
+
+
 def _sorted_labels(labels: set[str]) -> list[str]:
     """Class names in label order: by value when they are all integers (2 before 10), else alphabetically."""
     try:
@@ -122,6 +133,8 @@ def load_csv(
     val_path: str | None = None,
     val_fraction: float = 0.2,
     standardize: bool = True,
+    test_path: str | None = None,
+    test_fraction: float = 0.0,
 ) -> DataSplits:
     """A table's rows as samples: ``target`` is what to predict, the other (or the listed) columns the input."""
     if task is not None and task not in TASKS:
@@ -134,23 +147,29 @@ def load_csv(
     x = torch.tensor(table[columns].astype("float32").to_numpy())
     if val_path is None:
         train_idx, val_idx = split_indices(len(x), val_fraction, seed)
-        x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        val = x[val_idx], y[val_idx]
     else:
-        val_table = read_table(val_path, "data.val_path")
-        _feature_columns(val_table, val_path, target, columns)
-        _check_cells(val_table, val_path, [*columns, target])
-        x_train, y_train = x, y
-        x_val = torch.tensor(val_table[columns].astype("float32").to_numpy())
-        y_val, _ = _targets(val_table[target], task, classes, val_path, target)
+        val = _other_table(val_path, "data.val_path", columns, target, task, classes)
+        # every row trains, in the file's order; shuffled by the seed only when a test split is taken from them
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        train_idx = order if test_fraction and test_path is None else torch.arange(len(x))
+    if test_path is None:
+        train_idx, test_idx = hold_out_test(train_idx, len(x), test_fraction)
+        test = (x[test_idx], y[test_idx]) if test_idx is not None else None
+    else:
+        test = _other_table(test_path, "data.test_path", columns, target, task, classes)
+    x_train, y_train = x[train_idx], y[train_idx]
     fitted: dict[str, Any] = {"features": [str(c) for c in columns], "target": target}
-    if standardize:
+    if standardize:  # with the training rows' statistics alone: validation and test rows are unseen data
         mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False)
         std = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as it is, centred
-        x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+        x_train, val = (x_train - mean) / std, ((val[0] - mean) / std, val[1])
+        test = ((test[0] - mean) / std, test[1]) if test is not None else None
         fitted.update(mean=mean, std=std)
     return DataSplits(
         TensorDataset(x_train, y_train),
-        TensorDataset(x_val, y_val),
+        TensorDataset(*val),
+        TensorDataset(*test) if test is not None else None,
         input_shape=(len(columns),),
         num_classes=len(classes) if classes else None,
         classes=classes,

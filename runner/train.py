@@ -89,6 +89,7 @@ class Loop:
     clip_value: float | None = None  # trainer.gradient_clip_val
     clip_by_norm: bool = True  # trainer.gradient_clip_algorithm == "norm"
     accumulate: int = 1  # trainer.accumulate_grad_batches: batches summed into each optimizer step
+    test_batches: Batches | None = None  # the data's test split, scored once at the end
     no_sync: Callable[[], AbstractContextManager] | None = None  # DDP's: no all-reduce on a batch that does not step
 
     def ends_step(self, batch: int) -> bool:

@@ -115,6 +115,7 @@ def test_mnist_reads_mnist_format_files_into_memory(tmp_path):
     data = load_mnist(seed=0, root=str(tmp_path), val_fraction=0.25)
     assert isinstance(data.train, TensorDataset) and data.input_shape == (1, 28, 28)
     assert len(data.train) == 90 and len(data.val) == 30
+    assert torch.equal(data.test.tensors[1], torch.from_numpy(labels[:10])), "MNIST's own test split, t10k"
     all_labels = sorted(torch.cat([data.train.tensors[1], data.val.tensors[1]]).tolist())
     assert all_labels == sorted(labels.tolist())
 

@@ -188,6 +188,42 @@ def test_an_image_folder_with_train_and_val_folders_uses_them(make_config, tmp_p
     assert len(built.data.train) == 8 and len(built.data.val) == 4
 
 
+def test_an_image_folder_with_a_test_folder_or_a_test_fraction_has_a_test_split(make_config, tmp_path):
+    make_image_folder(tmp_path / "images" / "train", per_class=4)
+    make_image_folder(tmp_path / "images" / "val", per_class=2)
+    make_image_folder(tmp_path / "images" / "test", per_class=3)
+    folders = make_config("data=image_folder", f"data.root={tmp_path / 'images'}", "data.image_size=8", "model=cnn")
+    assert len(build_everything(folders, CPU).data.test) == 6
+    root = make_image_folder(tmp_path / "flat", per_class=10)
+    flat = ["data=image_folder", f"data.root={root}", "data.image_size=8", "model=cnn", "data.val_fraction=0.25"]
+    without, held_out = (
+        build_everything(make_config(*flat, *more), CPU).data for more in ([], ["data.test_fraction=0.25"])
+    )
+    assert without.test is None and len(held_out.test) == 5 and len(held_out.train) == len(without.train) - 5
+    assert held_out.val.indices == without.val.indices, "a test split leaves the validation split as it was"
+    assert not set(held_out.test.indices) & (set(held_out.train.indices) | set(held_out.val.indices))
+
+
+def test_a_table_test_split_is_held_out_or_read_and_scaled_with_the_training_rows_statistics(make_config, tmp_path):
+    path = write_table(tmp_path / "iris.csv")
+    table = ["data=csv", f"data.path={path}", "data.target=species"]
+    without = build_everything(make_config(*table), CPU).data
+    held_out = build_everything(make_config(*table, "data.test_fraction=0.1"), CPU).data
+    assert without.test is None and len(held_out.test) == 12 and len(held_out.train) == len(without.train) - 12
+    assert torch.equal(held_out.val.tensors[1], without.val.tensors[1])
+    test_path = write_table(tmp_path / "test.csv", rows=30, seed=1)
+    read = build_everything(make_config(*table, f"data.test_path={test_path}"), CPU).data
+    mean, std = read.fitted["mean"], read.fitted["std"]
+    raw = torch.tensor(np.loadtxt(test_path, delimiter=",", skiprows=1, usecols=(0, 1, 2, 3, 5), dtype=np.float32))
+    torch.testing.assert_close(read.test.tensors[0], (raw - mean) / std)
+    assert read.test.tensors[1].tolist() == [i % 3 for i in range(30)]  # the training table's class labels
+
+
+def test_a_test_fraction_that_leaves_no_training_samples_is_one_line(make_config):
+    with pytest.raises(ConfigError, match="data.test_fraction=0.8 leaves no training samples"):
+        build_everything(make_config("data.test_fraction=0.8"), CPU)
+
+
 @pytest.mark.parametrize(
     ("classes", "per_class", "message"),
     [

@@ -329,3 +329,58 @@ def test_a_run_stopped_in_the_middle_of_an_accumulation_resumes_bitwise(tmp_path
     reference = torch.load(list_checkpoints(tmp_path / "whole")[-1], weights_only=True)
     assert reference["progress"]["global_step"] == 90
     assert_same_result(torch.load(list_checkpoints(tmp_path / "stopped")[-1], weights_only=True), reference)
+
+
+def evaluate_cli(cwd, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "runner.evaluate", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def printed_scores(stdout: str) -> dict[str, float]:
+    return {key: float(value) for key, value in (line.split() for line in stdout.splitlines()[1:])}
+
+
+def test_the_best_checkpoint_is_scored_on_the_test_split_once_and_runner_evaluate_gives_the_same(tmp_path):
+    """The LR jumps after epoch 2, so the best epoch is not the last: the test score is best.pt's, as logged to
+    MLflow and runner.json, and `python -m runner.evaluate` prints the same from the run directory alone."""
+    jumps = ["data.test_fraction=0.1", "scheduler=lambda", "scheduler.lr_lambda='1 if epoch < 2 else 30'"]
+    result = launch(tmp_path, *jumps)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "runner.json").read_text())
+    history = torch.load(list_checkpoints(tmp_path / "run")[-1], weights_only=True)["history"]["epochs"]
+    best_epoch = min(range(4), key=lambda e: history[e]["val_loss"]) + 1
+    assert best_epoch < 4, "the test needs a best epoch that is not the last"
+    (line,) = [line for line in result.stderr.splitlines() if "test split, best.pt" in line]
+    assert f"best.pt (epoch {best_epoch}, val_loss" in line
+    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert {key: logged.data.metrics[key] for key in record["test_metrics"]} == record["test_metrics"]
+    assert set(record["test_metrics"]) == {"test_loss", "test_accuracy"}
+
+    best = evaluate_cli(tmp_path, "run")
+    assert best.returncode == 0, best.stderr
+    assert f"best.pt (epoch {best_epoch}) on the test split (180 samples)" in best.stdout
+    assert printed_scores(best.stdout) == pytest.approx(record["test_metrics"], rel=1e-5)
+    last = evaluate_cli(tmp_path, "run", "--checkpoint", "last", "--split", "val")
+    assert last.returncode == 0, last.stderr
+    assert printed_scores(last.stdout) == pytest.approx(
+        {key: history[-1][key] for key in ("val_loss", "val_accuracy")}, rel=1e-5
+    )
+
+
+def test_runner_evaluate_refuses_what_it_cannot_score_in_one_line(tmp_path):
+    assert launch(tmp_path, "trainer.epochs=1").returncode == 0  # no test split
+    assert launch(tmp_path, "trainer.epochs=1", "optimizer.lr=0.05", run_dir="other").returncode == 0
+    other = list_checkpoints(tmp_path / "other")[-1]
+    for args, message in [
+        (["nowhere"], "error: nowhere is not a run directory (no runner.json and resolved_config.yaml)"),
+        (["run", "--split", "test"], "error: --split test: this run's data has no test split; set data.test_fraction"),
+        (["run", "--checkpoint", str(other)], "was written by another config (fingerprint"),
+        (["run", "--checkpoint", "nope.pt"], "error: --checkpoint nope.pt: no such file; use best, last or"),
+    ]:
+        result = evaluate_cli(tmp_path, *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)

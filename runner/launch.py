@@ -73,6 +73,7 @@ class Launch:
     bundle: dict[str, Any] | None = None
     forced_from: Path | None = None  # a new run started from another run's checkpoint
     finished: bool = False  # resume=auto found this config already trained to the end
+    extended_from: int | None = None  # the run continues with another trainer.epochs than it was planned for
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "bundle": None}  # sent to the other ranks, which read the checkpoint file themselves
@@ -121,6 +122,10 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
             newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
             if newest is not None:
                 launch.checkpoint, launch.bundle = newest
+        if launch.extended_from is not None:  # from now on it is a run of this config, unfinished
+            record = launch.record
+            record.fingerprint, record.finished = settings.fingerprint, False
+            record.stopped_early = record.test_metrics = None
         launch.record.save()  # a launch deciding next finds this run, and finds it held
     return launch
 
@@ -183,6 +188,16 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         bundle = load_checkpoint(checkpoint)
     if record is not None and record.fingerprint == fingerprint == bundle["fingerprint"]:
         return Launch(record, checkpoint, bundle)  # the same run: continue it in its own directory
+    planned = epochs_changed_from(bundle["config"], settings)
+    if record is not None and planned is not None:  # the same run, longer: continue it in its own directory
+        trained = bundle["progress"]["epoch"]
+        if cfg.trainer.epochs <= trained:
+            raise ConfigError(
+                f"resume={cfg.resume}: that run has trained {trained} epoch(s); trainer.epochs={cfg.trainer.epochs} "
+                f"adds none. Give more epochs to take it further, or score it with python -m runner.evaluate "
+                f"{record.run_dir}."
+            )
+        return Launch(record, checkpoint, bundle, extended_from=planned)
     if bundle["fingerprint"] != fingerprint and not cfg.resume_force:
         saved = split_settings(flatten(bundle["config"]))[0]
         raise ConfigError(
@@ -190,3 +205,11 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
             f"add resume_force=true to start a new run from its checkpoint anyway."
         )
     return Launch(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state
+
+
+def epochs_changed_from(saved_config: dict[str, Any], settings: RunSettings) -> int | None:
+    """The epochs a checkpoint's run was planned for, when this launch's config differs from its in
+    ``trainer.epochs`` alone (a run taken further); None otherwise."""
+    saved = split_settings(flatten(saved_config))[0]
+    differing = {key for key in saved.keys() | settings.result.keys() if saved.get(key) != settings.result.get(key)}
+    return int(saved["trainer.epochs"]) if differing == {"trainer.epochs"} else None

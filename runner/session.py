@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from runner.resume import RunRecord
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
 from runner.tracking import Tracker, git_commit
-from runner.train import EpochResult, Loop, Progress, check_finite, evaluate, train
+from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,18 @@ class TrainingSession:
             CheckpointError: the checkpoint does not fit this config (a forced resume across configs).
         """
         bundle = launch.checkpoint_bundle()
+        leave_out = ("tracking", "data", "best") if launch.forced_from else ()
+        replanned = launch.extended_from is not None and self.loop.monitor is None  # not ReduceLROnPlateau's state
+        if replanned:
+            new_lrs = self._schedule_at(bundle["progress"])
+            leave_out += ("scheduler",)  # its state holds the old length (T_max, total_steps): the new one is built
         try:
-            self.state.load_state_dict(bundle, leave_out=("tracking", "data", "best") if launch.forced_from else ())
+            self.state.load_state_dict(bundle, leave_out=leave_out)
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
+        if launch.extended_from is not None:
+            self._continue_longer(launch, bundle, new_lrs if replanned else None)
+            return
         if bundle.get("finished") and self.progress.epoch < self.loop.epochs:  # ended by a callback, not marked yet
             self.finished_early, self.stopped_by = True, self.callbacks.stopping()
             log.info(
@@ -149,6 +158,41 @@ class TrainingSession:
             f"resuming {self.record.run_dir} from {launch.checkpoint.name}: epoch {self.progress.epoch + 1}/"
             f"{self.loop.epochs}, batch {self.progress.batch} of {len(self.loop.train_batches)}"
         )
+
+    def _schedule_at(self, progress: dict[str, Any]) -> list[float]:
+        """Step the schedule just built for ``trainer.epochs`` to where the checkpoint's training stands (on the
+        optimizer's initial LRs, before its state is loaded); the LRs it gives from there."""
+        steps = progress["global_step"] if self.loop.scheduler_per_batch else progress["epoch"]
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no training happens here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(steps):
+                self.loop.scheduler.step()
+        return current_lrs(self.loop.optimizer)
+
+    def _continue_longer(self, launch: Launch, bundle: dict[str, Any], new_lrs: list[float] | None) -> None:
+        """A run taken from ``launch.extended_from`` to ``trainer.epochs`` epochs: the schedule is the one for the
+        new length, at the step training reached; the LR where the two meet is said, and warned about when it
+        jumps (a cosine that had decayed to its end starts climbing from its middle)."""
+        old_lrs = current_lrs(self.loop.optimizer)  # what the old schedule would give next (the checkpoint's)
+        if not self.loop.scheduler_per_batch and self.history.epochs:
+            old_lrs = [self.history.epochs[-1]["lr"]] + old_lrs[1:]  # ...but its last epoch's LR says it better
+        if new_lrs is not None:
+            for group, lr in zip(self.loop.optimizer.param_groups, new_lrs, strict=True):
+                group["lr"] = lr
+        new_lrs = current_lrs(self.loop.optimizer)
+        epoch = self.progress.epoch
+        log.info(
+            f"taking {self.record.run_dir} from {launch.extended_from} to {self.loop.epochs} epochs, from "
+            f"{launch.checkpoint.name}: the LR goes from {old_lrs[0]:.4g} (epoch {epoch}, the {launch.extended_from}-"
+            f"epoch schedule) to {new_lrs[0]:.4g} (epoch {epoch + 1}, the schedule for {self.loop.epochs} epochs)"
+        )
+        jump = abs(new_lrs[0] - old_lrs[0]) / max(abs(old_lrs[0]), 1e-12)
+        if jump > 0.01:
+            log.warning(
+                f"the LR jumps by {jump:.0%} where the runs meet ({old_lrs[0]:.4g} -> {new_lrs[0]:.4g}): the "
+                f"schedule for {self.loop.epochs} epochs is not the {launch.extended_from}-epoch one continued; "
+                f"see python -m runner.preview with trainer.epochs={self.loop.epochs}"
+            )
 
     def start_tracking(self, context: RunContext, launch: Launch, resolved_config: Path) -> None:
         """Open MLflow on the persist thread (rank 0), while the first steps run: importing it and opening its
@@ -187,6 +231,8 @@ class TrainingSession:
         }
         if launch.forced_from is not None:
             tags["started_from"] = str(launch.forced_from)
+        if launch.extended_from is not None:  # its params keep the first length: MLflow's params cannot change
+            tags["extended"] = f"from {launch.extended_from} to {self.loop.epochs} epochs"
         if self.data.classes:
             tags["data.classes"] = ",".join(self.data.classes)
         commit = git_commit(Path.cwd())

@@ -384,3 +384,44 @@ def test_runner_evaluate_refuses_what_it_cannot_score_in_one_line(tmp_path):
         result = evaluate_cli(tmp_path, *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_on_the_longer_schedule(tmp_path):
+    """`resume=RUN_DIR trainer.epochs=6` on a finished 4-epoch cosine run: epochs 5 and 6 in the same run directory
+    and MLflow run, with the LRs of torch's CosineAnnealingLR for 6 epochs, and the LR jump where they meet said."""
+    cosine = ["scheduler=cosine"]
+    assert launch(tmp_path, *cosine).returncode == 0
+    longer = run_runner(
+        *BASE, *cosine, "resume=run", "trainer.epochs=6", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "hydra.run.dir=elsewhere", cwd=tmp_path,
+    )  # fmt: skip
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    torch_lrs = []
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+    for _ in range(6):
+        torch_lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert (
+        "the LR goes from 0.01464 (epoch 4, the 4-epoch schedule) to 0.025 (epoch 5, the schedule for 6"
+        in longer.stderr
+    )
+    assert f"the LR jumps by {abs(torch_lrs[4] / 0.01464466 - 1):.0%} where the runs meet" in longer.stderr
+    assert not (tmp_path / "elsewhere" / "runner.json").exists(), "the run stays in its own directory"
+    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert logged.info.status == "FINISHED" and logged.data.tags["extended"] == "from 4 to 6 epochs"
+    lrs = metric_series(client, logged.info.run_id, "lr")
+    assert (
+        lrs[4:] == pytest.approx(torch_lrs[4:], rel=1e-12)
+        and len(metric_series(client, logged.info.run_id, "val_loss")) == 6
+    )
+    record = json.loads((tmp_path / "run" / "runner.json").read_text())
+    assert record["finished"] and record["mlflow_run_id"] == logged.info.run_id
+
+    again = launch(tmp_path, *cosine, "trainer.epochs=6")  # the 6-epoch config: this run, finished
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
+    shorter = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=5", cwd=tmp_path)
+    assert shorter.returncode == 2
+    assert "resume=run: that run has trained 6 epoch(s); trainer.epochs=5 adds none." in shorter.stderr

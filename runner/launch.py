@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runner.checkpoint import checkpoint_fingerprint, list_checkpoints, load_checkpoint, load_newest_valid
 from runner.errors import ConfigError, Diverged
@@ -82,6 +82,32 @@ class Launch:
         if self.checkpoint is None:
             return None
         return self.bundle if self.bundle is not None else load_checkpoint(self.checkpoint)
+
+
+def continued_config(cfg: DictConfig, context: RunContext) -> DictConfig:
+    """``resume=RUN_DIR`` continues that run's own config (its ``resolved_config.yaml``), with this command's
+    ``key=value`` overrides on top: ``python -m runner resume=RUN_DIR trainer.epochs=30`` takes a run further
+    without its config typed again. A config group chosen on the command line (``scheduler=step``), ``+key``,
+    ``~key``, ``resume_force=true`` or a sweep: the config this command composes, as for any other launch.
+    """
+    if cfg.resume in ("auto", "never") or cfg.resume_force or context.sweep:
+        return cfg
+    keys = [override.split("=", 1)[0] for override in context.overrides]
+    if any(key.startswith(("+", "~")) or key in context.choices for key in keys):
+        return cfg
+    path = Path(cfg.resume).expanduser()
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    saved = run_dir / "resolved_config.yaml"
+    if not saved.is_file():
+        return cfg
+    continued = cfg.copy()  # keeps the schema's types: the run's values are checked as this command's are
+    with open_dict(continued):
+        for key, value in OmegaConf.load(saved).items():
+            typed = OmegaConf.is_config(continued.get(key)) and OmegaConf.get_type(continued[key]) is not dict
+            continued[key] = OmegaConf.merge(continued[key], value) if typed else value
+    for key in keys:
+        OmegaConf.update(continued, key, OmegaConf.select(cfg, key), merge=False)
+    return continued
 
 
 def refuse_sweep_under_torchrun(context: RunContext) -> None:

@@ -17,7 +17,7 @@ from runner.config import check_settings
 from runner.device import seed_everything
 from runner.distributed import Distributed, adopt_submitit_tasks, start_distributed
 from runner.errors import RunnerError, Stopped
-from runner.launch import RunContext, RunSettings, decide_launch, refuse_sweep_under_torchrun
+from runner.launch import RunContext, RunSettings, continued_config, decide_launch, refuse_sweep_under_torchrun
 from runner.resume import adopt_run_dir
 from runner.session import TrainingSession
 
@@ -29,6 +29,7 @@ __all__ = ["RunContext", "run"]
 def run(cfg: DictConfig, context: RunContext) -> float | None:
     """Train the configured model, or continue it, and return the final validation loss."""
     adopt_submitit_tasks()
+    cfg = continued_config(cfg, context)
     check_settings(cfg)
     refuse_sweep_under_torchrun(context)
     ranks = start_distributed(cfg.trainer)

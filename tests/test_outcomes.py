@@ -388,13 +388,13 @@ def test_runner_evaluate_refuses_what_it_cannot_score_in_one_line(tmp_path):
 
 def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_on_the_longer_schedule(tmp_path):
     """`resume=RUN_DIR trainer.epochs=6` on a finished 4-epoch cosine run: epochs 5 and 6 in the same run directory
-    and MLflow run, with the LRs of torch's CosineAnnealingLR for 6 epochs, and the LR jump where they meet said."""
+    and MLflow run, with the LRs of torch's CosineAnnealingLR for 6 epochs, and the LR jump where they meet said.
+    A config group beside resume= composes the config from the command instead: the same here, so also taken
+    further."""
     cosine = ["scheduler=cosine"]
     assert launch(tmp_path, *cosine).returncode == 0
-    longer = run_runner(
-        *BASE, *cosine, "resume=run", "trainer.epochs=6", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "hydra.run.dir=elsewhere", cwd=tmp_path,
-    )  # fmt: skip
+    # nothing but the new length: the run's own config (scheduler, tracking store, device) comes from the run
+    longer = run_runner("resume=run", "trainer.epochs=6", "hydra.run.dir=elsewhere", cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr[-2000:]
     parameter = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([parameter], lr=0.1)
@@ -410,7 +410,8 @@ def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_
     )
     assert f"the LR jumps by {abs(torch_lrs[4] / 0.01464466 - 1):.0%} where the runs meet" in longer.stderr
     assert not (tmp_path / "elsewhere" / "runner.json").exists(), "the run stays in its own directory"
-    client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, (logged,) = mlflow_runs(uri, "runner")
     assert logged.info.status == "FINISHED" and logged.data.tags["extended"] == "from 4 to 6 epochs"
     lrs = metric_series(client, logged.info.run_id, "lr")
     assert (
@@ -425,3 +426,7 @@ def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_
     shorter = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=5", cwd=tmp_path)
     assert shorter.returncode == 2
     assert "resume=run: that run has trained 6 epoch(s); trainer.epochs=5 adds none." in shorter.stderr
+    composed = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=7", f"tracking.uri={uri}", cwd=tmp_path)
+    assert composed.returncode == 0 and "taking run from 6 to 7 epochs" in composed.stderr, composed.stderr[-2000:]
+    other = run_runner(*BASE, "scheduler=step", "resume=run", "trainer.epochs=8", cwd=tmp_path)
+    assert other.returncode == 2 and "resume=run: that run's config differs (scheduler" in other.stderr

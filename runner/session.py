@@ -256,7 +256,7 @@ class TrainingSession:
             completed = self.finished_early or train(self.loop, self.progress, self.end_epoch, stop)
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
-                self._score_test()
+                self._log_summary(self._score_test())
             path = None if completed else self.checkpoint()
             lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
@@ -388,12 +388,12 @@ class TrainingSession:
             "runner_version": __version__,
         }
 
-    def _score_test(self) -> None:
+    def _score_test(self) -> dict[str, float]:
         """The test split's scores, once, at the end: ``trainer.test_with``'s checkpoint (best.pt, or the model as
-        trained) evaluated on it, into the log, MLflow (``test_<metric>``, at the last epoch's step) and
-        runner.json. The final checkpoint is written already: loading the best weights changes nothing on disk."""
+        trained) evaluated on it, into the log and runner.json. The final checkpoint is written already: loading
+        the best weights changes nothing on disk."""
         if self.loop.test_batches is None:
-            return
+            return {}
         tested = "the last epoch"
         if self.trainer.test_with == "best":
             path = best_file(self.record.run_dir)
@@ -403,10 +403,20 @@ class TrainingSession:
                 tested = f"best.pt (epoch {best['epoch']}, {best['monitor']['name']} {best['monitor']['value']:.4g})"
         metrics = evaluate(self.loop, "test")
         log.info(f"test split, {tested}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
-        if self.ranks.is_main:
-            self.record.test_metrics = metrics
-            step = len(self.history.epochs) - 1
-            self.persister.submit(lambda: self.tracker.log_metrics(metrics, step))
+        self.record.test_metrics = metrics
+        return metrics
+
+    def _log_summary(self, test_metrics: dict[str, float]) -> None:
+        """Columns a runs table can sort on, at the last epoch's step: ``best_<monitor>``, ``best_epoch`` (1-based)
+        and the test scores."""
+        if not self.ranks.is_main:
+            return
+        summary = dict(test_metrics)
+        if self.best.best is not None:
+            value, epoch = self.best.best
+            summary.update({f"best_{self.best.monitor}": value, "best_epoch": epoch})
+        step = len(self.history.epochs) - 1
+        self.persister.submit(lambda: self.tracker.log_metrics(summary, step))
 
     def _record_divergence(self, err: Diverged) -> None:
         """runner.json says the run diverged, so the same command refuses instead of resuming into it. Every rank

@@ -359,6 +359,8 @@ def test_the_best_checkpoint_is_scored_on_the_test_split_once_and_runner_evaluat
     client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
     assert {key: logged.data.metrics[key] for key in record["test_metrics"]} == record["test_metrics"]
     assert set(record["test_metrics"]) == {"test_loss", "test_accuracy"}
+    assert logged.data.metrics["best_epoch"] == best_epoch  # summary columns the runs table sorts on
+    assert logged.data.metrics["best_val_loss"] == history[best_epoch - 1]["val_loss"]
 
     best = evaluate_cli(tmp_path, "run")
     assert best.returncode == 0, best.stderr

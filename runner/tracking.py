@@ -186,9 +186,17 @@ def open_experiment(uri: str | None, name: str):
             if experiment is not None:
                 return client, experiment.experiment_id
             try:
-                return client, client.create_experiment(name)
+                return client, client.create_experiment(name, artifact_location=artifacts_beside(client.tracking_uri))
             except MlflowException:  # another job created it first
                 return client, client.get_experiment_by_name(name).experiment_id
+
+
+def artifacts_beside(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: for a SQLite store, ``mlruns/`` beside the database file, not
+    MLflow's default ``./mlruns`` in whatever folder the command runs from; a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 class Tracker:

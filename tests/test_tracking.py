@@ -169,3 +169,21 @@ def test_a_launch_killed_while_mlflow_creates_a_sqlite_store_leaves_no_store_a_l
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     assert client.get_experiment_by_name("runner") is not None
     assert not list(tmp_path.glob(".mlflow.db.creating-*")), "what the killed creation left is removed"
+
+
+def test_a_sqlite_stores_artifacts_go_beside_the_database_not_into_the_current_folder(tmp_path, monkeypatch):
+    from runner.tracking import Tracker
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # where a user (or the test suite) happens to run from
+    config = tmp_path / "resolved_config.yaml"
+    config.write_text("trainer: {}\n")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "artifacts").open("a run")
+    tracker.log_artifact(config)
+    tracker.finish()
+    (stored,) = (tmp_path / "store" / "mlruns").rglob("resolved_config.yaml")
+    assert stored.read_text() == "trainer: {}\n"
+    assert not (tmp_path / "work" / "mlruns").exists()
+    artifact_uri = MlflowClient(tracker.uri).get_run(tracker.run_id).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "store" / "mlruns").as_uri())

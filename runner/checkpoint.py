@@ -35,6 +35,9 @@ FAULT_DURING_WRITE_ENV = "RUNNER_FAULT_DURING_CHECKPOINT"
 class StepCheckpoints:
     """The loop's stop check, writing a checkpoint after every ``every``-th optimizer step on the way.
 
+    The loop asks after every batch; ``mid_epoch`` is true only right after an optimizer step inside the epoch, so
+    the batches of an accumulated step that follow it (same global step) do not write it again.
+
     For long epochs on a cluster: a node that dies without a signal (hardware, the OOM killer, ``kill -9``) loses
     at most ``every`` steps, not the whole epoch. A mid-epoch checkpoint is the one a stop signal writes, so it
     resumes bitwise. None is written at an epoch's last step (the epoch's end writes its own) or when stopping;
@@ -43,14 +46,11 @@ class StepCheckpoints:
 
     def __init__(self, should_stop: Any, every: int, write: Any, mid_epoch: Any):
         self.should_stop, self.every, self.write, self.mid_epoch = should_stop, every, write, mid_epoch
-        self.written_at = -1  # with gradient accumulation the loop asks after every batch, not every step
 
     def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
         stopping = self.should_stop(global_step, epoch_end=epoch_end)
-        due = global_step % self.every == 0 and global_step != self.written_at
-        if not stopping and not epoch_end and due and self.mid_epoch():
+        if not stopping and not epoch_end and global_step % self.every == 0 and self.mid_epoch():
             self.write()
-            self.written_at = global_step
         return stopping
 
     def __getattr__(self, name: str) -> Any:

@@ -98,7 +98,7 @@ def complete_splits(result: Any, source: str, settings: dict[str, Any] | None = 
             f"{source} returned {type(result).__name__}; return (train, val), (train, val, test) or "
             f"runner.data.DataSplits(train, val, ...), each a torch.utils.data.Dataset of (input, target) pairs."
         )
-    for split in ("train", "val"):
+    for split in ("train", "val", "test") if result.test is not None else ("train", "val"):
         if len(getattr(result, split)) == 0:
             raise ConfigError(f"{source} returned an empty {split} split; it needs at least one sample.")
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
@@ -174,8 +174,10 @@ def hold_out_test(train_idx: torch.Tensor, size: int, test_fraction: float) -> t
     """
     if test_fraction == 0:
         return train_idx, None
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be between 0 and 1 (0: no test split), got {test_fraction}.")
     n_test = max(1, round(size * test_fraction))
-    if not 0 < test_fraction < 1 or n_test >= len(train_idx):
+    if n_test >= len(train_idx):
         raise ConfigError(
             f"data.test_fraction={test_fraction} leaves no training samples: data.val_fraction and data.test_fraction "
             f"together must stay below 1."

@@ -241,7 +241,7 @@ class AgreedStop:
         self.flag.hand_over()  # only on the rank whose signal it was
 
     def __call__(self, global_step: int, epoch_end: bool = False) -> bool:
-        self.flag(global_step)
+        self.flag(global_step, epoch_end=epoch_end)
         if self.agreed:
             return True
         self.countdown -= 1

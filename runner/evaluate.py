@@ -66,8 +66,8 @@ def read_run(run_dir: Path) -> tuple[Any, Any]:
     return record, OmegaConf.load(config)
 
 
-def load_model_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
-    """A checkpoint or best file of this run's config.
+def load_model_checkpoint(path: Path, fingerprints: list[str]) -> dict[str, Any]:
+    """A checkpoint or best file of this run's config (or of its config before it was taken further).
 
     Raises:
         CheckpointError: unreadable, or written by another config.
@@ -82,10 +82,10 @@ def load_model_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0][:200]}).") from None
     if not isinstance(bundle, dict) or bundle.get("format") != CHECKPOINT_FORMAT or "model" not in bundle:
         raise CheckpointError(f"{path} is not a checkpoint of this runner (format {CHECKPOINT_FORMAT}).")
-    if bundle.get("fingerprint") != fingerprint:
+    if bundle.get("fingerprint") not in fingerprints:
         raise CheckpointError(
             f"{path} was written by another config (fingerprint {bundle.get('fingerprint')}, the run's is "
-            f"{fingerprint}); give a checkpoint of this run."
+            f"{fingerprints[0]}); give a checkpoint of this run."
         )
     return bundle
 
@@ -108,7 +108,7 @@ def evaluate_run(run_dir: Path, which: str, split: str | None, device_name: str)
 
     record, cfg = read_run(run_dir)
     path = checkpoint_path(run_dir, which)
-    bundle = load_model_checkpoint(path, record.fingerprint)
+    bundle = load_model_checkpoint(path, [record.fingerprint, *record.earlier_fingerprints])
     data = build_data(cfg)
     try:
         data.load_state_dict(bundle["data"])

@@ -87,10 +87,11 @@ class Launch:
 def continued_config(cfg: DictConfig, context: RunContext) -> DictConfig:
     """``resume=RUN_DIR`` continues that run's own config (its ``resolved_config.yaml``), with this command's
     ``key=value`` overrides on top: ``python -m runner resume=RUN_DIR trainer.epochs=30`` takes a run further
-    without its config typed again. A config group chosen on the command line (``scheduler=step``), ``+key``,
-    ``~key``, ``resume_force=true`` or a sweep: the config this command composes, as for any other launch.
+    without its config typed again (``resume_force=true`` then starts a new run from it with those changes). The
+    ``resume*`` keys are always this command's. A config group chosen on the command line (``scheduler=step``),
+    ``+key``, ``~key`` or a sweep: the config this command composes, as for any other launch.
     """
-    if cfg.resume in ("auto", "never") or cfg.resume_force or context.sweep:
+    if cfg.resume in ("auto", "never") or context.sweep:
         return cfg
     keys = [override.split("=", 1)[0] for override in context.overrides]
     if any(key.startswith(("+", "~")) or key in context.choices for key in keys):
@@ -105,8 +106,8 @@ def continued_config(cfg: DictConfig, context: RunContext) -> DictConfig:
         for key, value in OmegaConf.load(saved).items():
             typed = OmegaConf.is_config(continued.get(key)) and OmegaConf.get_type(continued[key]) is not dict
             continued[key] = OmegaConf.merge(continued[key], value) if typed else value
-    for key in keys:
-        OmegaConf.update(continued, key, OmegaConf.select(cfg, key), merge=False)
+        for key in [*keys, "resume", "resume_force", "resume_search"]:  # a key the saved node lacks may be added
+            OmegaConf.update(continued, key, OmegaConf.select(cfg, key), merge=False)
     return continued
 
 
@@ -146,10 +147,16 @@ def decide_launch(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         if launch.checkpoint is None and cfg.resume == "auto":
             # None: killed before its first checkpoint; start over. A checkpoint of another config is skipped.
             newest = load_newest_valid(launch.record.run_dir, settings.fingerprint)
+            if newest is None and launch.record.earlier_fingerprints:  # taken further, killed before checkpointing
+                newest = load_newest_valid(launch.record.run_dir, launch.record.earlier_fingerprints[-1])
+                launch.extended_from = epochs_changed_from(newest[1]["config"], settings) if newest else None
+                newest = newest if launch.extended_from is not None else None
             if newest is not None:
                 launch.checkpoint, launch.bundle = newest
         if launch.extended_from is not None:  # from now on it is a run of this config, unfinished
             record = launch.record
+            if record.fingerprint != settings.fingerprint:  # its checkpoints so far stay the run's (runner.evaluate)
+                record.earlier_fingerprints = [*record.earlier_fingerprints, record.fingerprint]
             record.fingerprint, record.finished = settings.fingerprint, False
             record.stopped_early = record.test_metrics = None
         launch.record.save()  # a launch deciding next finds this run, and finds it held
@@ -172,7 +179,7 @@ def _checkpoints_agree(record: RunRecord) -> bool:
     others = set()
     for path in reversed(list_checkpoints(record.run_dir)):
         found = checkpoint_fingerprint(path)
-        if found == record.fingerprint:
+        if found in (record.fingerprint, *record.earlier_fingerprints):
             return True
         if found is not None:
             others.add(found)
@@ -216,6 +223,12 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         return Launch(record, checkpoint, bundle)  # the same run: continue it in its own directory
     planned = epochs_changed_from(bundle["config"], settings)
     if record is not None and planned is not None:  # the same run, longer: continue it in its own directory
+        newest = list_checkpoints(record.run_dir)[-1:]
+        if newest != [checkpoint]:  # an older one would train over epochs the run has, files and MLflow steps
+            raise ConfigError(
+                f"resume={cfg.resume}: to take a run further, continue from its newest checkpoint "
+                f"({newest[0] if newest else 'none'}): give resume={record.run_dir}."
+            )
         trained = bundle["progress"]["epoch"]
         if cfg.trainer.epochs <= trained:
             raise ConfigError(

@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.checkpoint import list_checkpoints, write_atomically
@@ -95,6 +95,7 @@ class RunRecord:
     diverged: str | None = None  # what the divergence was: the same command then refuses instead of resuming
     stopped_early: str | None = None  # finished before trainer.epochs: when, and which callback said why
     test_metrics: dict | None = None  # the test split's scores at the end (trainer.test_with's checkpoint)
+    earlier_fingerprints: list[str] = field(default_factory=list)  # before it was taken further (trainer.epochs)
 
     def save(self) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
@@ -141,6 +142,7 @@ _FIELD_TYPES = {
     "diverged": (str, type(None)),
     "stopped_early": (str, type(None)),
     "test_metrics": (dict, type(None)),
+    "earlier_fingerprints": (list,),
 }
 
 

@@ -35,6 +35,8 @@ from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs,
 
 log = logging.getLogger(__name__)
 
+SCHEDULED = ("lr", "momentum", "betas")  # what torch's schedulers set in a param group (OneCycle: all three)
+
 
 def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
     """The loop over the built objects: this rank's batchers, the model wrapped in DDP and compiled if asked."""
@@ -133,14 +135,14 @@ class TrainingSession:
         leave_out = ("tracking", "data", "best") if launch.forced_from else ()
         replanned = launch.extended_from is not None and self.loop.monitor is None  # not ReduceLROnPlateau's state
         if replanned:
-            new_lrs = self._schedule_at(bundle["progress"])
+            scheduled = self._schedule_at(bundle["progress"])
             leave_out += ("scheduler",)  # its state holds the old length (T_max, total_steps): the new one is built
         try:
             self.state.load_state_dict(bundle, leave_out=leave_out)
         except CheckpointError as err:
             raise CheckpointError(f"{launch.checkpoint} {err}") from None
         if launch.extended_from is not None:
-            self._continue_longer(launch, bundle, new_lrs if replanned else None)
+            self._continue_longer(launch, scheduled if replanned else None)
             return
         if bundle.get("finished") and self.progress.epoch < self.loop.epochs:  # ended by a callback, not marked yet
             self.finished_early, self.stopped_by = True, self.callbacks.stopping()
@@ -159,26 +161,26 @@ class TrainingSession:
             f"{self.loop.epochs}, batch {self.progress.batch} of {len(self.loop.train_batches)}"
         )
 
-    def _schedule_at(self, progress: dict[str, Any]) -> list[float]:
+    def _schedule_at(self, progress: dict[str, Any]) -> list[dict[str, Any]]:
         """Step the schedule just built for ``trainer.epochs`` to where the checkpoint's training stands (on the
-        optimizer's initial LRs, before its state is loaded); the LRs it gives from there."""
+        optimizer's initial LRs, before its state is loaded); what it sets in each param group from there."""
         steps = progress["global_step"] if self.loop.scheduler_per_batch else progress["epoch"]
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no training happens here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(steps):
                 self.loop.scheduler.step()
-        return current_lrs(self.loop.optimizer)
+        return [{key: group[key] for key in SCHEDULED if key in group} for group in self.loop.optimizer.param_groups]
 
-    def _continue_longer(self, launch: Launch, bundle: dict[str, Any], new_lrs: list[float] | None) -> None:
+    def _continue_longer(self, launch: Launch, scheduled: list[dict[str, Any]] | None) -> None:
         """A run taken from ``launch.extended_from`` to ``trainer.epochs`` epochs: the schedule is the one for the
-        new length, at the step training reached; the LR where the two meet is said, and warned about when it
-        jumps (a cosine that had decayed to its end starts climbing from its middle)."""
+        new length, at the step training reached (ReduceLROnPlateau's state is kept: it knows no length); the LR
+        where the two meet is said, and warned about when it jumps (a cosine that had decayed to its end starts
+        climbing from its middle)."""
         old_lrs = current_lrs(self.loop.optimizer)  # what the old schedule would give next (the checkpoint's)
-        if not self.loop.scheduler_per_batch and self.history.epochs:
+        if scheduled is not None and not self.loop.scheduler_per_batch and self.history.epochs:
             old_lrs = [self.history.epochs[-1]["lr"]] + old_lrs[1:]  # ...but its last epoch's LR says it better
-        if new_lrs is not None:
-            for group, lr in zip(self.loop.optimizer.param_groups, new_lrs, strict=True):
-                group["lr"] = lr
+        for group, values in zip(self.loop.optimizer.param_groups, scheduled or [], strict=False):
+            group.update(values)  # the LR, and OneCycle's momentum or betas
         new_lrs = current_lrs(self.loop.optimizer)
         epoch = self.progress.epoch
         log.info(
@@ -249,7 +251,11 @@ class TrainingSession:
         flag = StopFlag().install()
         stop = AgreedStop(flag, self.ranks) if self.ranks.enabled else flag
         if self.trainer.checkpoint_every_steps:
-            mid_epoch = lambda: 0 < self.progress.batch < len(self.loop.train_batches)  # noqa: E731
+            # right after an optimizer step, inside the epoch: not between the batches of an accumulated step
+            mid_epoch = lambda: (  # noqa: E731
+                0 < self.progress.batch < len(self.loop.train_batches)
+                and not self.loop.accumulating(self.progress.batch)
+            )
             stop = StepCheckpoints(stop, self.trainer.checkpoint_every_steps, self.checkpoint, mid_epoch)
         try:
             self.callbacks.on_train_start()
@@ -395,12 +401,11 @@ class TrainingSession:
         if self.loop.test_batches is None:
             return {}
         tested = "the last epoch"
-        if self.trainer.test_with == "best":
-            path = best_file(self.record.run_dir)
-            if path.is_file():  # under DDP every rank reads it: rank 0 wrote it before sharing the final checkpoint
-                best = torch.load(path, map_location=self.ranks.device, weights_only=True)
-                self.model.load_state_dict(best["model"])
-                tested = f"best.pt (epoch {best['epoch']}, {best['monitor']['name']} {best['monitor']['value']:.4g})"
+        path = best_file(self.record.run_dir)
+        if self.trainer.test_with == "best" and self.ranks.share(path.is_file):  # rank 0's file, read by every rank
+            best = torch.load(path, map_location=self.ranks.device, weights_only=True)
+            self.model.load_state_dict(best["model"])
+            tested = f"best.pt (epoch {best['epoch']}, {best['monitor']['name']} {best['monitor']['value']:.4g})"
         metrics = evaluate(self.loop, "test")
         log.info(f"test split, {tested}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
         self.record.test_metrics = metrics

@@ -31,13 +31,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # in the middle of the next step's gradient accumulation; "SIGNAME:STEP:RANK" only the DDP rank RANK, and only in
 # torchrun's first attempt (a restart must get past that step).
 FAULT_AT_STEP_ENV = "RUNNER_FAULT_AT_STEP"
-# For the cluster tests: sleep this many seconds after every optimizer step, so that a tiny run lasts as long as
+# For the cluster tests: sleep this many seconds after every batch, so that a tiny run lasts as long as
 # SLURM's shortest time limit (a minute) needs, without taking the CPU the other jobs share. The result is the same.
 STEP_DELAY_ENV = "RUNNER_STEP_DELAY_S"
 
 
 class StopFlag:
-    """Set by a stop signal; called by the loop after every optimizer step."""
+    """Set by a stop signal; called by the loop after every batch (and every epoch)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None

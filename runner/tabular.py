@@ -26,17 +26,20 @@ def read_table(path: str, key: str = "data.path"):
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"{key}={path}: no such file (relative paths are from where you run the command).")
+    empty = ConfigError(f"{key}={path}: the file is empty; it needs a header row and at least one data row.")
     try:
         if file.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(file)
-        return pd.read_csv(file, skipinitialspace=True)
+            table = pd.read_parquet(file)
+        else:
+            table = pd.read_csv(file, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise ConfigError(
-            f"{key}={path}: the file is empty; it needs a header row and at least one data row."
-        ) from None
+        raise empty from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
         message = str(err).strip().splitlines()[0]
         raise ConfigError(f"{key}={path}: cannot be read as a table ({message}).") from None
+    if table.empty:  # a header and no rows
+        raise empty
+    return table
 
 
 def _check_cells(table, path: str, columns: list[str]) -> None:
@@ -139,6 +142,8 @@ def load_csv(
     """A table's rows as samples: ``target`` is what to predict, the other (or the listed) columns the input."""
     if task is not None and task not in TASKS:
         raise ConfigError(f"data.task={task!r}: use classification or regression (or leave it out to infer it).")
+    if test_path is not None and test_fraction:
+        raise ConfigError("data.test_path and data.test_fraction both set: give the test split one way.")
     table = read_table(path)
     columns = _feature_columns(table, path, target, features)
     _check_cells(table, path, [*columns, target])

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -264,10 +264,12 @@ def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., b
 def _backward(loop: Loop, inputs: torch.Tensor, targets: torch.Tensor, weight: float, sync: bool) -> torch.Tensor:
     """One batch's forward and backward, its gradients (its loss times ``weight``) added to those of its step's
     batches so far; its loss."""
-    with nullcontext() if sync or loop.no_sync is None else loop.no_sync():  # DDP all-reduces at the step's end
-        loss = loop.loss(loop.outputs(inputs, training=True), targets)
-        scaled = loss if weight == 1.0 else loss * weight
-        (scaled if loop.scaler is None else loop.scaler.scale(scaled)).backward()
+    if not sync and loop.no_sync is not None:  # DDP all-reduces once, at the step's last batch
+        with loop.no_sync():
+            return _backward(loop, inputs, targets, weight, sync=True)
+    loss = loop.loss(loop.outputs(inputs, training=True), targets)
+    scaled = loss if weight == 1.0 else loss * weight
+    (scaled if loop.scaler is None else loop.scaler.scale(scaled)).backward()
     return loss
 
 

@@ -219,9 +219,18 @@ def test_a_table_test_split_is_held_out_or_read_and_scaled_with_the_training_row
     assert read.test.tensors[1].tolist() == [i % 3 for i in range(30)]  # the training table's class labels
 
 
-def test_a_test_fraction_that_leaves_no_training_samples_is_one_line(make_config):
+def test_a_test_split_that_cannot_work_is_one_line(make_config, tmp_path):
     with pytest.raises(ConfigError, match="data.test_fraction=0.8 leaves no training samples"):
         build_everything(make_config("data.test_fraction=0.8"), CPU)
+    with pytest.raises(ConfigError, match=r"data.test_fraction must be between 0 and 1 \(0: no test split\), got -0.1"):
+        build_everything(make_config("data.test_fraction=-0.1"), CPU)
+    path = write_table(tmp_path / "iris.csv")
+    table = ["data=csv", f"data.path={path}", "data.target=species"]
+    with pytest.raises(ConfigError, match="data.test_path and data.test_fraction both set"):
+        build_everything(make_config(*table, f"data.test_path={path}", "data.test_fraction=0.1"), CPU)
+    (tmp_path / "empty.csv").write_text(path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ConfigError, match="data.test_path=.*empty.csv: the file is empty; it needs a header row and"):
+        build_everything(make_config(*table, f"data.test_path={tmp_path / 'empty.csv'}"), CPU)
 
 
 @pytest.mark.parametrize(

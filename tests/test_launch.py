@@ -138,3 +138,27 @@ def test_eight_launches_of_one_command_at_once_train_one_run_and_the_others_exit
         assert f"{run_dir} is being trained by process {trainer.pid} " in line and "epoch 1/" not in text
     _, runs = mlflow_runs(uri, "runner")
     assert len(runs) == 2 and {run.data.params["optimizer.lr"] for run in runs} == {"0.1", "0.01"}
+
+
+def test_resume_of_a_run_directory_continues_its_own_config_with_this_commands_values_and_resume_keys(
+    tmp_path, make_config
+):
+    """continued_config: the saved run's config, this command's key=value overrides on top (even a key the saved
+    node predates), and the resume keys always this command's: a run once forced does not force the next."""
+    from omegaconf import OmegaConf
+
+    from runner.launch import RunContext, continued_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = OmegaConf.to_container(make_config("scheduler=cosine", "optimizer.lr=0.3", "resume_force=true"))
+    del saved["scheduler"]["warmup"]  # written before scheduler.warmup existed
+    OmegaConf.save(saved, run_dir / "resolved_config.yaml")
+    command = ["resume=" + str(run_dir), "trainer.epochs=7", "scheduler.warmup=2"]
+    cfg = make_config(*command)
+    continued = continued_config(cfg, RunContext(tmp_path / "new", command, choices={"scheduler": "constant"}))
+    assert continued.scheduler._target_ == saved["scheduler"]["_target_"] and continued.optimizer.lr == 0.3
+    assert continued.trainer.epochs == 7 and continued.scheduler.warmup == 2
+    assert continued.resume == str(run_dir) and continued.resume_force is False
+    grouped = RunContext(tmp_path / "new", [*command, "scheduler=step"], choices={"scheduler": "step"})
+    assert continued_config(cfg, grouped) is cfg  # a config group chosen: the command's own config

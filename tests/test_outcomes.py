@@ -316,8 +316,15 @@ def test_a_run_stopped_in_the_middle_of_an_accumulation_resumes_bitwise(tmp_path
         "scheduler=onecycle",
         "trainer.gradient_clip_val=0.5",
     ]
-    whole = launch(tmp_path, *accumulating, run_dir="whole")
+    step_checkpoints = ["trainer.checkpoint_every_steps=10", "trainer.keep_checkpoints=100"]
+    whole = launch(tmp_path, *accumulating, *step_checkpoints, run_dir="whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
+    # every 10 optimizer steps, right after the step: never between its batches, never over an epoch's end one
+    written = [torch.load(path, weights_only=True) for path in list_checkpoints(tmp_path / "whole")]
+    assert [(c["progress"]["global_step"], c["progress"]["batch"]) for c in written] == [
+        (10, 40), (20, 80), (30, 120), (40, 160), (45, 0), (50, 20), (60, 60), (70, 100), (80, 140), (90, 0)
+    ]  # fmt: skip
+    assert not any("gradients" in c["ranks"]["ranks"][0] for c in written)
     overrides = [*BASE, *accumulating, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "hydra.run.dir=stopped"]
     stopped = run_runner(*overrides, cwd=tmp_path, env={FAULT_AT_STEP_ENV: "SIGTERM:50+2"})  # epoch 2, step 51
     assert stopped.returncode == 75, stopped.stderr[-2000:]
@@ -428,6 +435,14 @@ def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_
     shorter = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=5", cwd=tmp_path)
     assert shorter.returncode == 2
     assert "resume=run: that run has trained 6 epoch(s); trainer.epochs=5 adds none." in shorter.stderr
+    older = list_checkpoints(tmp_path / "run")[0]  # of the 4-epoch run, before it was taken further
+    assert torch.load(older, weights_only=True)["progress"]["epoch"] < 6
+    scored = evaluate_cli(tmp_path, "run", "--checkpoint", str(older))
+    assert scored.returncode == 0, scored.stderr  # still one of the run's checkpoints
+    from_older = run_runner("resume=" + str(older), "trainer.epochs=9", cwd=tmp_path)
+    assert (
+        from_older.returncode == 2 and "to take a run further, continue from its newest checkpoint" in from_older.stderr
+    )
     composed = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=7", f"tracking.uri={uri}", cwd=tmp_path)
     assert composed.returncode == 0 and "taking run from 6 to 7 epochs" in composed.stderr, composed.stderr[-2000:]
     other = run_runner(*BASE, "scheduler=step", "resume=run", "trainer.epochs=8", cwd=tmp_path)

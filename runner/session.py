@@ -7,7 +7,9 @@ record and MLflow, and every rank takes part in the collectives (the stop agreem
 
 from __future__ import annotations
 
+import getpass
 import logging
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -91,6 +93,30 @@ def epoch_metrics(result: EpochResult) -> dict[str, float]:
     return metrics
 
 
+def _standard_tags(device: torch.device) -> dict[str, str | None]:
+    """MLflow's own source and user tags, which its UI shows, and the versions a result depends on."""
+    return {
+        "mlflow.source.name": "python -m runner",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
+        "runner.version": __version__,
+        "torch.version": str(torch.__version__),
+        "cuda.version": torch.version.cuda if device.type == "cuda" else None,  # None: no tag
+        "python.version": platform.python_version(),
+    }
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a name or $USER: no tag
+        return None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class TrainingSession:
     """The state of one run in this process, trained from where its checkpoint left it to the end or a stop."""
 
@@ -121,7 +147,9 @@ class TrainingSession:
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
         self.tracking_wait_s = cfg.tracking.wait_s
         self.persister = Persister()
-        self.unlogged: list[tuple[int, dict[str, float], dict[int, float]]] = []  # (epoch, metrics, lr_steps)
+        # (epoch, metrics, lr_steps, when the epoch ended in ms): MLflow gets each epoch's own time
+        self.unlogged: list[tuple[int, dict[str, float], dict[int, float], int]] = []
+        self.started_ms = self.ended_ms = None  # when training began and ended, for the MLflow run
         self.last_checkpoint = time.monotonic()
 
     def resume(self, launch: Launch) -> None:
@@ -202,10 +230,13 @@ class TrainingSession:
         if not self.ranks.is_main:
             return
         logged_before = History(list(self.history.epochs), dict(self.history.lr_steps))
+        started = _now_ms()  # training begins now; the run is created on the persist thread a little later
 
         def open_tracking() -> None:
             tracker, record = self.tracker, self.record
-            tracker.open(context.run_name, record.mlflow_run_id, run_dir=str(record.run_dir.resolve()))
+            tracker.open(
+                context.run_name, record.mlflow_run_id, run_dir=str(record.run_dir.resolve()), start_time=started
+            )
             record.mlflow_run_id = tracker.run_id
             record.save()
             if not tracker.resumed:
@@ -230,6 +261,7 @@ class TrainingSession:
             **context.choices,
             **context.sweep,
             **self.settings.operational,
+            **_standard_tags(self.ranks.device),
         }
         if launch.forced_from is not None:
             tags["started_from"] = str(launch.forced_from)
@@ -260,6 +292,7 @@ class TrainingSession:
         try:
             self.callbacks.on_train_start()
             completed = self.finished_early or train(self.loop, self.progress, self.end_epoch, stop)
+            self.ended_ms = _now_ms()  # the test split's scoring is after training, not part of it
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
                 self._log_summary(self._score_test())
@@ -303,7 +336,7 @@ class TrainingSession:
             self.record.save()
             if stopped_early is not None:
                 self.tracker.set_tags({"stopped_early": stopped_early})
-            self.tracker.finish("FINISHED")
+            self.tracker.finish("FINISHED", end_time=self.ended_ms)
         # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
         # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
         flag.uninstall()
@@ -321,7 +354,7 @@ class TrainingSession:
         """
         metrics = epoch_metrics(result)
         self.history.record(metrics, result.lr_steps)
-        self.unlogged.append((result.epoch, metrics, result.lr_steps))
+        self.unlogged.append((result.epoch, metrics, result.lr_steps, _now_ms()))
         if self.ranks.is_main and self.best.offer(result.epoch + 1, metrics, self._best_snapshot) == 1:
             result.note = f"best {self.best.monitor} so far"
         asked = self.callbacks.on_epoch_end(result.epoch, metrics)  # before the checkpoint, which holds their state
@@ -431,9 +464,11 @@ class TrainingSession:
             self.record.diverged = str(err).split(". Checkpoints written before")[0]
             self.record.save()
 
-    def _log(self, epochs: list[tuple[int, dict[str, float], dict[int, float]]], partial: dict[int, float]) -> None:
-        self.tracker.log_epochs([(epoch, metrics) for epoch, metrics, _ in epochs])
-        steps = {step: lr for _, _, epoch_steps in epochs for step, lr in epoch_steps.items()}
+    def _log(
+        self, epochs: list[tuple[int, dict[str, float], dict[int, float], int]], partial: dict[int, float]
+    ) -> None:
+        self.tracker.log_epochs([(epoch, metrics, ended) for epoch, metrics, _, ended in epochs])
+        steps = {step: lr for _, _, epoch_steps, _ in epochs for step, lr in epoch_steps.items()}
         self.tracker.log_series("lr_step", {**steps, **partial})
 
     def _wait_for_tracking(self) -> Exception | None:

@@ -217,7 +217,9 @@ class Tracker:
     def opened(self) -> bool:
         return self.run_id is not None
 
-    def open(self, run_name: str, run_id: str | None = None, run_dir: str | None = None) -> Tracker:
+    def open(
+        self, run_name: str, run_id: str | None = None, run_dir: str | None = None, start_time: int | None = None
+    ) -> Tracker:
         """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened.
 
         A run is tagged with its ``run_dir`` when created. Without ``run_id``, a RUNNING run of that directory is
@@ -235,7 +237,10 @@ class Tracker:
                 self.run_id, self.resumed = run_id, True
             else:
                 tags = {"run_dir": run_dir} if run_dir is not None else None
-                self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+                # start_time: when training began, not when this thread got round to creating the run
+                self.run_id = self.client.create_run(
+                    experiment_id, run_name=run_name, tags=tags, start_time=start_time
+                ).info.run_id
                 if os.environ.get(FAULT_AFTER_RUN_CREATED_ENV) == "1":
                     os.kill(os.getpid(), signal.SIGKILL)
         return self
@@ -272,9 +277,11 @@ class Tracker:
 
         self._log_in_batches(params=[Param(key, value) for key, value in params.items()])
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, str | None]) -> None:
+        """Set the tags that have a value (``tracking.uri`` left to MLflow's default is no tag ``None``)."""
         from mlflow.entities import RunTag
 
+        tags = {key: value for key, value in tags.items() if value not in (None, "", "None")}
         self._log_in_batches(tags=[RunTag(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in tags.items()])
 
     def _log_in_batches(self, **items: list) -> None:
@@ -286,16 +293,17 @@ class Tracker:
         """Log the metrics of one step, leaving out any (key, step) MLflow already holds."""
         self.log_epochs([(step, metrics)])
 
-    def log_epochs(self, entries: list[tuple[int, dict[str, float]]]) -> None:
-        """Log (step, metrics) pairs in as few requests as MLflow allows, leaving out (key, step)s it already holds."""
+    def log_epochs(self, entries: list[tuple[int, dict[str, float]] | tuple[int, dict[str, float], int]]) -> None:
+        """Log (step, metrics) pairs, or (step, metrics, timestamp in ms) for an epoch that ended at that time, in as
+        few requests as MLflow allows, leaving out (key, step)s it already holds."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         fresh = [
-            Metric(key, float(value), now, step)
-            for step, metrics in entries
-            for key, value in metrics.items()
-            if step not in self.logged.get(key, ())
+            Metric(key, float(value), entry[2] if len(entry) > 2 else now, entry[0])
+            for entry in entries
+            for key, value in entry[1].items()
+            if entry[0] not in self.logged.get(key, ())
         ]
         for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
@@ -309,5 +317,6 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+    def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """End the run: ``end_time`` (ms) when training ended, else now."""
+        self.client.set_terminated(self.run_id, status, end_time=end_time)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import CONF, metric_series, mlflow_runs, run_runner
@@ -20,7 +22,9 @@ def tracked(tmp_path, experiment="e2e"):
 
 
 def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_directory(tmp_path):
+    before = time.time() * 1000
     result = run_runner("scheduler=linear", "trainer.epochs=3", *QUIET, cwd=tmp_path)
+    after = time.time() * 1000
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mlflow.db").exists()  # MLflow's own default store, where `mlflow ui` looks
     client, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
@@ -36,6 +40,16 @@ def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_direc
     assert f"MLflow run {logged.info.run_id}" in log
     assert logged.info.status == "FINISHED" and len(metric_series(client, logged.info.run_id, "val_accuracy")) == 3
     assert torch.load(list_checkpoints(run_dir)[-1], weights_only=True)["finished"]
+    # MLflow's own tags, the versions, and no tag without a value (tracking.uri was left to MLflow's default)
+    tags = logged.data.tags
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] == "python -m runner"
+    assert tags["mlflow.user"] and tags["torch.version"] == torch.__version__ and "runner.version" in tags
+    assert "tracking.uri" not in tags and not [key for key, value in tags.items() if value in ("", "None")]
+    # The run spans training (not the moment the background thread created it); each epoch its own end time
+    ended = [
+        m.timestamp for m in sorted(client.get_metric_history(logged.info.run_id, "val_loss"), key=lambda m: m.step)
+    ]
+    assert before <= logged.info.start_time < ended[0] < ended[1] < ended[2] <= logged.info.end_time <= after
 
 
 @pytest.mark.slow

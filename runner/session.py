@@ -32,7 +32,7 @@ from runner.persist import Persister
 from runner.resume import RunRecord
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
-from runner.tracking import Tracker, git_commit
+from runner.tracking import Tracker, git_commit, mlflow_params
 from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class TrainingSession:
             record.mlflow_run_id = tracker.run_id
             record.save()
             if not tracker.resumed:
-                tracker.log_params(self.settings.result)
+                tracker.log_params(mlflow_params(self.settings.result))
                 tracker.log_artifact(resolved_config)
             tracker.set_tags(self._tags(context, launch))  # runs `git`: off the training thread
             # Epochs checkpointed but not logged when the last launch died:

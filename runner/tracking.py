@@ -34,8 +34,23 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+            flat[name] = str(value)
     return flat
+
+
+def mlflow_params(settings: dict[str, str]) -> dict[str, str]:
+    """The settings that decide a run's result as MLflow params a user reads: no unset ones, each ``_target_``
+    with its class's own name beside it (``optimizer.class = SGD``), and a value longer than MLflow takes split
+    into ``key``, ``key.part2``, ... rather than cut."""
+    params: dict[str, str] = {}
+    for key, value in settings.items():
+        if value == "None":
+            continue
+        if key == "_target_" or key.endswith("._target_"):
+            params[key.removesuffix("_target_") + "class"] = value.rsplit(".", 1)[-1]
+        for part, start in enumerate(range(0, max(len(value), 1), MAX_PARAM_LENGTH), 1):
+            params[key if part == 1 else f"{key}.part{part}"] = value[start : start + MAX_PARAM_LENGTH]
+    return params
 
 
 def git_commit(directory: Path) -> str | None:

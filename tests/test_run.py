@@ -230,6 +230,8 @@ def test_mlflow_run_has_params_tags_and_the_resolved_config(make_config, trackin
     assert params["optimizer._target_"] == "torch.optim.AdamW"
     assert params["scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert params["trainer.epochs"] == "2"
+    assert params["optimizer.class"] == "AdamW" and params["scheduler.class"] == "CosineAnnealingLR"
+    assert "None" not in params.values() and "trainer.device" not in params  # unset, and runtime-only (a tag)
     tags = logged.data.tags
     assert tags["run_dir"] == str((tmp_path / "run").resolve())
     assert tags["overrides"] == "scheduler=cosine optimizer=adamw"
@@ -264,3 +266,16 @@ def test_same_seed_same_result(make_config, tmp_path):
     first = run(cfg, RunContext(tmp_path / "a"))
     second = run(cfg, RunContext(tmp_path / "b"))
     assert first == second and math.isfinite(first)
+
+
+def test_mlflow_params_leave_out_unset_values_name_each_class_and_split_what_mlflow_would_cut():
+    from runner.tracking import MAX_PARAM_LENGTH, mlflow_params
+
+    long = "x" * (2 * MAX_PARAM_LENGTH + 5)
+    params = mlflow_params(
+        {"model._target_": "runner.models.MLP", "trainer.gradient_clip_val": "None", "data.note": long}
+    )
+    assert params["model.class"] == "MLP" and params["model._target_"] == "runner.models.MLP"
+    assert "trainer.gradient_clip_val" not in params
+    assert params["data.note"] + params["data.note.part2"] + params["data.note.part3"] == long
+    assert max(len(value) for value in params.values()) == MAX_PARAM_LENGTH

@@ -25,7 +25,7 @@ from runner.errors import (
     is_config_error,
     report_error,
 )
-from runner.sweep import SWEEP_ID_ENV, record_failed_job
+from runner.sweep import SWEEP_ID_ENV, SWEPT_KEYS_ENV, record_failed_job
 
 log = logging.getLogger("runner")
 register_schemas()
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> float | None:
             group: str(option) for group, option in hydra_cfg.runtime.choices.items() if not group.startswith("hydra/")
         },
         sweep=sweep_tags(hydra_cfg) if multirun else {},
+        swept=[key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if key] if multirun else [],
     )
     try:
         return run(cfg, context)

@@ -42,10 +42,14 @@ class RunContext:
     overrides: list[str] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option, e.g. scheduler -> cosine
     sweep: dict[str, str] = field(default_factory=dict)  # sweep_id, sweep_dir, job_num: for a job of a multirun
+    swept: list[str] = field(default_factory=list)  # the keys the multirun varies (runner.sweep.swept_keys)
 
     @property
     def run_name(self) -> str:
-        return ",".join(self.overrides) or "defaults"
+        """A multirun's job: the overrides that set it apart from the others (``scheduler=cosine optimizer.lr=0.1``);
+        a single run: all of its overrides."""
+        apart = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") in self.swept]
+        return " ".join(apart) if apart else ",".join(self.overrides) or "defaults"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.errors import RunnerError, report_error
 
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"
+SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"  # the keys a multirun varies, comma-separated: its jobs are named by them
 FAILED_JOBS_FILE = "failed_jobs.txt"
 
 
@@ -38,6 +39,17 @@ def sweep_id(config: DictConfig) -> str:
     overrides = sorted(o for o in config.hydra.overrides.task if not _is_operational_override(o))
     settings = split_settings(flatten(body))[0]
     return hashlib.sha256(json.dumps([settings, overrides], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: its sweep overrides (``a,b``, ``range()``, ``choice()``, ``glob()``) and the
+    sweeper's own search space (``hydra.sweeper.params``, as Optuna's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
+    searched = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return keys + [str(key) for key in searched if key not in keys]
 
 
 def _is_operational_override(override: str) -> bool:
@@ -73,6 +85,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_ID_ENV] = sweep_id(config)
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
         try:
             prepare_tracking_store(config.tracking.uri, config.tracking.experiment)
         except RunnerError as err:

@@ -71,8 +71,8 @@ def test_every_optimizer_with_every_scheduler_trains_in_one_sweep(tmp_path):
     by_name = {run.info.run_name: run for run in runs}
     for optimizer in OPTIMIZERS:
         for scheduler in SCHEDULERS:
-            name = f"optimizer={optimizer},scheduler={scheduler}"
-            logged = next(run for key, run in by_name.items() if key.startswith(name))
+            logged = by_name[f"optimizer={optimizer} scheduler={scheduler}"]  # what sets it apart, nothing shared
+            name = logged.info.run_name
             assert logged.info.status == "FINISHED", name
             assert len(metric_series(client, logged.info.run_id, "lr")) == 6, name
             assert len(metric_series(client, logged.info.run_id, "val_loss")) == 6, name

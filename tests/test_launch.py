@@ -162,3 +162,19 @@ def test_resume_of_a_run_directory_continues_its_own_config_with_this_commands_v
     assert continued.resume == str(run_dir) and continued.resume_force is False
     grouped = RunContext(tmp_path / "new", [*command, "scheduler=step"], choices={"scheduler": "step"})
     assert continued_config(cfg, grouped) is cfg  # a config group chosen: the command's own config
+
+
+def test_a_sweeps_jobs_are_named_by_the_keys_it_varies_and_a_single_run_by_all_its_overrides():
+    from omegaconf import OmegaConf
+
+    from runner.launch import RunContext
+    from runner.sweep import swept_keys
+
+    command = ["scheduler=constant,cosine", "optimizer.lr=0.1,0.01", "trainer.epochs=3", "tracking.uri=sqlite:///x"]
+    config = OmegaConf.create({"hydra": {"overrides": {"task": command}, "sweeper": {}}})
+    assert swept_keys(config) == ["scheduler", "optimizer.lr"]
+    searched = {"overrides": {"task": ["trainer.epochs=3"]}, "sweeper": {"params": {"optimizer.lr": "interval(0, 1)"}}}
+    assert swept_keys(OmegaConf.create({"hydra": searched})) == ["optimizer.lr"]  # Optuna's search space
+    job = ["scheduler=cosine", "optimizer.lr=0.01", "trainer.epochs=3", "tracking.uri=sqlite:///x"]
+    assert RunContext(Path("."), job, swept=swept_keys(config)).run_name == "scheduler=cosine optimizer.lr=0.01"
+    assert RunContext(Path("."), job).run_name == ",".join(job)

@@ -27,6 +27,7 @@ from runner.resume import (
     record_for_path,
     split_settings,
 )
+from runner.sweep import override_key
 from runner.tracking import check_store_reachable, flatten
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class RunContext:
     def run_name(self) -> str:
         """A multirun's job: the overrides that set it apart from the others (``scheduler=cosine optimizer.lr=0.1``);
         a single run: all of its overrides."""
-        apart = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") in self.swept]
+        apart = [o for o in self.overrides if override_key(o.split("=", 1)[0]) in self.swept]
         return " ".join(apart) if apart else ",".join(self.overrides) or "defaults"
 
 
@@ -91,11 +92,11 @@ class Launch:
 def continued_config(cfg: DictConfig, context: RunContext) -> DictConfig:
     """``resume=RUN_DIR`` continues that run's own config (its ``resolved_config.yaml``), with this command's
     ``key=value`` overrides on top: ``python -m runner resume=RUN_DIR trainer.epochs=30`` takes a run further
-    without its config typed again (``resume_force=true`` then starts a new run from it with those changes). The
-    ``resume*`` keys are always this command's. A config group chosen on the command line (``scheduler=step``),
-    ``+key``, ``~key`` or a sweep: the config this command composes, as for any other launch.
+    without its config typed again. The ``resume*`` keys are always this command's. A config group chosen on the
+    command line (``scheduler=step``), ``+key``, ``~key``, ``resume_force=true`` (a new run from that checkpoint)
+    or a sweep: the config this command composes, as for any other launch.
     """
-    if cfg.resume in ("auto", "never") or context.sweep:
+    if cfg.resume in ("auto", "never") or cfg.resume_force or context.sweep:
         return cfg
     keys = [override.split("=", 1)[0] for override in context.overrides]
     if any(key.startswith(("+", "~")) or key in context.choices for key in keys):
@@ -226,11 +227,11 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
     if record is not None and record.fingerprint == fingerprint == bundle["fingerprint"]:
         return Launch(record, checkpoint, bundle)  # the same run: continue it in its own directory
     planned = epochs_changed_from(bundle["config"], settings)
-    if record is not None and planned is not None:  # the same run, longer: continue it in its own directory
-        newest = list_checkpoints(record.run_dir)[-1:]
-        if newest != [checkpoint]:  # an older one would train over epochs the run has, files and MLflow steps
+    if record is not None and planned is not None and not cfg.resume_force:  # the same run, longer: in its directory
+        newest = load_newest_valid(record.run_dir)
+        if newest is None or newest[0] != checkpoint:  # an older one would train over epochs the run has
             raise ConfigError(
-                f"resume={cfg.resume}: to take a run further, continue from its newest checkpoint "
+                f"resume={cfg.resume}: to take a run further, continue from its newest readable checkpoint "
                 f"({newest[0] if newest else 'none'}): give resume={record.run_dir}."
             )
         trained = bundle["progress"]["epoch"]
@@ -245,7 +246,7 @@ def _apply_resume(cfg: DictConfig, context: RunContext, settings: RunSettings) -
         saved = split_settings(flatten(bundle["config"]))[0]
         raise ConfigError(
             f"resume={cfg.resume}: that run's config differs ({describe_differences(saved, settings.result)}); "
-            f"add resume_force=true to start a new run from its checkpoint anyway."
+            f"add resume_force=true to start a new run from its checkpoint anyway, in the config this command composes."
         )
     return Launch(None, checkpoint, bundle, forced_from=checkpoint)  # a new run, starting from that state
 

@@ -7,7 +7,6 @@ record and MLflow, and every rank takes part in the collectives (the stop agreem
 
 from __future__ import annotations
 
-import getpass
 import logging
 import platform
 import time
@@ -29,10 +28,10 @@ from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, Track
 from runner.launch import Launch, RunContext, RunSettings
 from runner.metrics import monitor_direction
 from runner.persist import Persister
-from runner.resume import RunRecord
+from runner.resume import RunRecord, split_settings
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
-from runner.tracking import Tracker, git_commit, mlflow_params
+from runner.tracking import Tracker, current_user, flatten, git_commit, mlflow_params
 from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -98,19 +97,12 @@ def _standard_tags(device: torch.device) -> dict[str, str | None]:
     return {
         "mlflow.source.name": "python -m runner",
         "mlflow.source.type": "LOCAL",
-        "mlflow.user": _user(),
+        "mlflow.user": current_user(),
         "runner.version": __version__,
         "torch.version": str(torch.__version__),
         "cuda.version": torch.version.cuda if device.type == "cuda" else None,  # None: no tag
         "python.version": platform.python_version(),
     }
-
-
-def _user() -> str | None:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container's uid without a name or $USER: no tag
-        return None
 
 
 def _now_ms() -> int:
@@ -149,7 +141,7 @@ class TrainingSession:
         self.persister = Persister()
         # (epoch, metrics, lr_steps, when the epoch ended in ms): MLflow gets each epoch's own time
         self.unlogged: list[tuple[int, dict[str, float], dict[int, float], int]] = []
-        self.started_ms = self.ended_ms = None  # when training began and ended, for the MLflow run
+        self.ended_ms: int | None = None  # when training ended, for the MLflow run
         self.last_checkpoint = time.monotonic()
 
     def resume(self, launch: Launch) -> None:
@@ -240,7 +232,8 @@ class TrainingSession:
             record.mlflow_run_id = tracker.run_id
             record.save()
             if not tracker.resumed:
-                tracker.log_params(mlflow_params(self.settings.result))
+                whole = split_settings(flatten(self.settings.config, limit=None))[0]  # uncut: split if too long
+                tracker.log_params(mlflow_params(whole))
                 tracker.log_artifact(resolved_config)
             tracker.set_tags(self._tags(context, launch))  # runs `git`: off the training thread
             # Epochs checkpointed but not logged when the last launch died:

@@ -41,15 +41,20 @@ def sweep_id(config: DictConfig) -> str:
     return hashlib.sha256(json.dumps([settings, overrides], sort_keys=True).encode()).hexdigest()[:12]
 
 
+def override_key(key: str) -> str:
+    """``+a.b``, ``~a.b``, ``a.b@pkg`` -> ``a.b``: an override's key, however it was written."""
+    return key.lstrip("+~").split("@", 1)[0]
+
+
 def swept_keys(config: DictConfig) -> list[str]:
     """The keys a multirun varies: its sweep overrides (``a,b``, ``range()``, ``choice()``, ``glob()``) and the
     sweeper's own search space (``hydra.sweeper.params``, as Optuna's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
-    searched = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    return keys + [str(key) for key in searched if key not in keys]
+    keys = [override_key(override.key_or_group) for override in parsed if override.is_sweep_override()]
+    searched = [override_key(str(key)) for key in OmegaConf.select(config, "hydra.sweeper.params") or {}]
+    return keys + [key for key in searched if key not in keys]
 
 
 def _is_operational_override(override: str) -> bool:

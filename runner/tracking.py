@@ -26,15 +26,16 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 FAULT_AFTER_RUN_CREATED_ENV = "RUNNER_FAULT_AFTER_MLFLOW_RUN"
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists stay whole, as their string."""
+def flatten(config: Mapping[str, Any], prefix: str = "", limit: int | None = MAX_PARAM_LENGTH) -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists stay whole, as their string, cut at ``limit`` characters (what
+    the fingerprints of runs and sweeps were always made of; None: whole, for MLflow's params)."""
     flat: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}.", limit))
         else:
-            flat[name] = str(value)
+            flat[name] = str(value)[:limit]
     return flat
 
 
@@ -46,11 +47,24 @@ def mlflow_params(settings: dict[str, str]) -> dict[str, str]:
     for key, value in settings.items():
         if value == "None":
             continue
-        if key == "_target_" or key.endswith("._target_"):
-            params[key.removesuffix("_target_") + "class"] = value.rsplit(".", 1)[-1]
+        named = key.removesuffix("_target_") + "class"
+        if (
+            (key == "_target_" or key.endswith("._target_")) and value and named not in settings
+        ):  # a setting of its own called class wins
+            params[named] = value.rsplit(".", 1)[-1]
         for part, start in enumerate(range(0, max(len(value), 1), MAX_PARAM_LENGTH), 1):
             params[key if part == 1 else f"{key}.part{part}"] = value[start : start + MAX_PARAM_LENGTH]
     return params
+
+
+def current_user() -> str | None:
+    """Who runs this, for MLflow's ``mlflow.user``; None when the system cannot say."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - a container's uid without a name or $USER (ImportError on Windows)
+        return None
 
 
 def git_commit(directory: Path) -> str | None:
@@ -251,7 +265,9 @@ class Tracker:
             if run_id is not None and self._reattach(run_id):
                 self.run_id, self.resumed = run_id, True
             else:
-                tags = {"run_dir": run_dir} if run_dir is not None else None
+                # mlflow.user at creation: MLflow takes the run's user from it then, not from a later tag
+                tags = {"run_dir": run_dir, "mlflow.user": current_user()}
+                tags = {key: value for key, value in tags.items() if value is not None}
                 # start_time: when training began, not when this thread got round to creating the run
                 self.run_id = self.client.create_run(
                     experiment_id, run_name=run_name, tags=tags, start_time=start_time

@@ -178,3 +178,5 @@ def test_a_sweeps_jobs_are_named_by_the_keys_it_varies_and_a_single_run_by_all_i
     job = ["scheduler=cosine", "optimizer.lr=0.01", "trainer.epochs=3", "tracking.uri=sqlite:///x"]
     assert RunContext(Path("."), job, swept=swept_keys(config)).run_name == "scheduler=cosine optimizer.lr=0.01"
     assert RunContext(Path("."), job).run_name == ",".join(job)
+    packaged = OmegaConf.create({"hydra": {"overrides": {"task": ["+db@pkg=a,b", "trainer.epochs=3"]}, "sweeper": {}}})
+    assert RunContext(Path("."), ["+db@pkg=b", "trainer.epochs=3"], swept=swept_keys(packaged)).run_name == "+db@pkg=b"

@@ -274,7 +274,9 @@ def test_mlflow_params_leave_out_unset_values_name_each_class_and_split_what_mlf
     long = "x" * (2 * MAX_PARAM_LENGTH + 5)
     params = mlflow_params(
         {"model._target_": "runner.models.MLP", "trainer.gradient_clip_val": "None", "data.note": long}
+        | {"loss._target_": "my.Loss", "loss.class": "3"}  # a setting named class of its own is kept as it is
     )
+    assert params["loss.class"] == "3"
     assert params["model.class"] == "MLP" and params["model._target_"] == "runner.models.MLP"
     assert "trainer.gradient_clip_val" not in params
     assert params["data.note"] + params["data.note.part2"] + params["data.note.part3"] == long

@@ -441,9 +441,15 @@ def test_a_finished_run_taken_further_continues_in_its_directory_and_mlflow_run_
     assert scored.returncode == 0, scored.stderr  # still one of the run's checkpoints
     from_older = run_runner("resume=" + str(older), "trainer.epochs=9", cwd=tmp_path)
     assert (
-        from_older.returncode == 2 and "to take a run further, continue from its newest checkpoint" in from_older.stderr
+        from_older.returncode == 2
+        and "to take a run further, continue from its newest readable checkpoint" in from_older.stderr
     )
     composed = run_runner(*BASE, *cosine, "resume=run", "trainer.epochs=7", f"tracking.uri={uri}", cwd=tmp_path)
     assert composed.returncode == 0 and "taking run from 6 to 7 epochs" in composed.stderr, composed.stderr[-2000:]
     other = run_runner(*BASE, "scheduler=step", "resume=run", "trainer.epochs=8", cwd=tmp_path)
     assert other.returncode == 2 and "resume=run: that run's config differs (scheduler" in other.stderr
+    before = (tmp_path / "run" / "runner.json").read_text()
+    forced = run_runner(*BASE, *cosine, "resume=run", "resume_force=true", "trainer.epochs=8", cwd=tmp_path)
+    assert forced.returncode == 0 and "taking run" not in forced.stderr, forced.stderr[-2000:]
+    assert (tmp_path / "run" / "runner.json").read_text() == before, "forced: a new run, the old one as it was"
+    assert len(list(tmp_path.glob("outputs/*/*/runner.json"))) == 1

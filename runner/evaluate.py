@@ -72,16 +72,16 @@ def load_model_checkpoint(path: Path, fingerprints: list[str]) -> dict[str, Any]
     Raises:
         CheckpointError: unreadable, or written by another config.
     """
-    import torch
-
-    from runner.checkpoint import CHECKPOINT_FORMAT
+    from runner.checkpoint import load_checkpoint
 
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        bundle = load_checkpoint(path)  # another checkpoint format: its own one line
+    except CheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - truncated, not a checkpoint at all: one line either way
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0][:200]}).") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != CHECKPOINT_FORMAT or "model" not in bundle:
-        raise CheckpointError(f"{path} is not a checkpoint of this runner (format {CHECKPOINT_FORMAT}).")
+    if "model" not in bundle:
+        raise CheckpointError(f"{path} holds no model; give a checkpoint or best file of this run.")
     if bundle.get("fingerprint") not in fingerprints:
         raise CheckpointError(
             f"{path} was written by another config (fingerprint {bundle.get('fingerprint')}, the run's is "

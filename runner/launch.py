@@ -25,6 +25,7 @@ from runner.resume import (
     find_runs,
     hold_run_dir,
     record_for_path,
+    run_dir_of,
     split_settings,
 )
 from runner.sweep import override_key
@@ -101,9 +102,7 @@ def continued_config(cfg: DictConfig, context: RunContext) -> DictConfig:
     keys = [override.split("=", 1)[0] for override in context.overrides]
     if any(key.startswith(("+", "~")) or key in context.choices for key in keys):
         return cfg
-    path = Path(cfg.resume).expanduser()
-    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    saved = run_dir / "resolved_config.yaml"
+    saved = run_dir_of(Path(cfg.resume).expanduser()) / "resolved_config.yaml"
     if not saved.is_file():
         return cfg
     continued = cfg.copy()  # keeps the schema's types: the run's values are checked as this command's are

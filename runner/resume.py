@@ -193,12 +193,18 @@ def hold_run_dir(run_dir: Path) -> None:
         )
 
 
+def run_dir_of(path: Path) -> Path:
+    """The run directory of ``resume=PATH``: the directory itself, or the one a checkpoint file is in."""
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def record_for_path(path: Path) -> tuple[RunRecord | None, Path | None]:
     """``resume=PATH``: the run directory's record and the checkpoint to start from (a file, or the newest)."""
     path = path.expanduser()
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return RunRecord.load(run_dir), path
+        return RunRecord.load(run_dir_of(path)), path
     if not path.is_dir():
         raise ConfigError(f"resume={path}: no such run directory or checkpoint file.")
     if not list_checkpoints(path):

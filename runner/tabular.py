@@ -155,9 +155,9 @@ def load_csv(
         val = x[val_idx], y[val_idx]
     else:
         val = _other_table(val_path, "data.val_path", columns, target, task, classes)
-        # every row trains, in the file's order; shuffled by the seed only when a test split is taken from them
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        train_idx = order if test_fraction and test_path is None else torch.arange(len(x))
+        train_idx = torch.arange(len(x))  # every row trains, in the file's order...
+        if test_fraction:  # ...but a test split is taken from them shuffled by the seed, not from the file's top
+            train_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     if test_path is None:
         train_idx, test_idx = hold_out_test(train_idx, len(x), test_fraction)
         test = (x[test_idx], y[test_idx]) if test_idx is not None else None

@@ -48,9 +48,8 @@ def mlflow_params(settings: dict[str, str]) -> dict[str, str]:
         if value == "None":
             continue
         named = key.removesuffix("_target_") + "class"
-        if (
-            (key == "_target_" or key.endswith("._target_")) and value and named not in settings
-        ):  # a setting of its own called class wins
+        is_target = key == "_target_" or key.endswith("._target_")
+        if is_target and value and named not in settings:  # a setting of its own called class wins
             params[named] = value.rsplit(".", 1)[-1]
         for part, start in enumerate(range(0, max(len(value), 1), MAX_PARAM_LENGTH), 1):
             params[key if part == 1 else f"{key}.part{part}"] = value[start : start + MAX_PARAM_LENGTH]

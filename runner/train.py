@@ -219,9 +219,9 @@ def _lrs(optimizer: torch.optim.Optimizer) -> str:
 def train_one_epoch(loop: Loop, progress: Progress, should_stop: Callable[..., bool]) -> bool:
     """Run the rest of ``progress.epoch``'s batches; False if a stop was asked for part-way.
 
-    With ``loop.accumulate`` = N the gradients of N batches are summed (each loss divided by N, so a step sees the
-    mean over N x batch_size samples) before each optimizer step; a stop may come between them, and the
-    checkpoint then holds the gradients summed so far (runner.state.RankStreams).
+    With ``loop.accumulate`` = N the gradients of N batches are summed (each loss weighted by its batch's share of
+    the step's samples, so a step sees their mean) before each optimizer step; a stop may come between them, and
+    the checkpoint then holds the gradients summed so far (runner.state.RankStreams).
     """
     loop.model.train()
     device = next(loop.model.parameters()).device

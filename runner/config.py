@@ -70,6 +70,10 @@ class TrackingConfig:
     # Seconds the runner waits, in all, for a tracking server that stops answering; then it stops asking, trains on,
     # and at the end says how many epochs MLflow lacks (exit 75: the same command logs them).
     wait_s: float = 30.0
+    # The trained model (best.pt's weights when there is one, else the last) as an MLflow model at the run's end.
+    log_model: bool = True
+    registered_model_name: str | None = None  # also register it under this name in MLflow's model registry
+    system_metrics: bool = False  # MLflow's own CPU, memory, disk, network (and GPU) sampling into system/*
 
 
 @dataclass
@@ -193,6 +197,12 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.wait_s must be above 0 seconds, got {cfg.tracking.wait_s}.")
     if cfg.tracking.log_every_n_steps < 0:
         raise ConfigError(f"tracking.log_every_n_steps must be 0 (off) or more, got {cfg.tracking.log_every_n_steps}.")
+    if cfg.tracking.registered_model_name is not None and not cfg.tracking.log_model:
+        raise ConfigError(
+            "tracking.registered_model_name needs the model logged: drop tracking.log_model=false, or the name."
+        )
+    if cfg.tracking.system_metrics:
+        _check_system_metrics_installed()
     if str(trainer.precision) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.precision}: use one of {', '.join(PRECISIONS)}.")
     check_strategy(trainer)
@@ -200,3 +210,11 @@ def check_settings(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is None or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a number above 0, got {lr!r}.")
+
+
+def _check_system_metrics_installed() -> None:
+    """MLflow samples CPU and memory with psutil, which it does not install itself."""
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise ConfigError("tracking.system_metrics=true needs psutil: pip install psutil (and nvidia-ml-py for GPUs).")

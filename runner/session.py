@@ -7,6 +7,7 @@ record and MLflow, and every rank takes part in the collectives (the stop agreem
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from runner import __version__
 from runner.best import BestCheckpoints, best_file
-from runner.build import Built
+from runner.build import Built, sample_batch
 from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, not_written, save_checkpoint
 from runner.data import make_batcher
 from runner.device import precision_settings
@@ -31,7 +32,7 @@ from runner.persist import Persister
 from runner.resume import RunRecord, split_settings
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
-from runner.tracking import Tracker, current_user, flatten, git_commit, mlflow_params
+from runner.tracking import Tracker, current_user, flatten, git_commit, mlflow_params, runs_table_url
 from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class TrainingSession:
         self.callbacks, self.data, self.model = built.callbacks, built.data, built.model
         self.stopped_by: str | None = None  # the callback that ended training early
         self.finished_early = False  # resumed from the final checkpoint of a run a callback ended
+        self.tracking = cfg.tracking
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
         self.tracking_wait_s = cfg.tracking.wait_s
         self.persister = Persister()
@@ -235,6 +237,11 @@ class TrainingSession:
                 whole = split_settings(flatten(self.settings.config, limit=None))[0]  # uncut: split if too long
                 tracker.log_params(mlflow_params(whole))
                 tracker.log_artifact(resolved_config)
+                hydra_files = record.run_dir / ".hydra"  # the first launch's: its overrides and composed config
+                if hydra_files.is_dir():
+                    tracker.log_artifact(hydra_files, "hydra")
+            if self.tracking.system_metrics:
+                tracker.start_system_metrics()
             tracker.set_tags(self._tags(context, launch))  # runs `git`: off the training thread
             # Epochs checkpointed but not logged when the last launch died:
             tracker.log_epochs(list(enumerate(logged_before.epochs)))
@@ -289,6 +296,7 @@ class TrainingSession:
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
                 self._log_summary(self._score_test())
+                self._log_model()
             path = None if completed else self.checkpoint()
             lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
@@ -298,7 +306,7 @@ class TrainingSession:
             if (lost := self._wait_for_tracking()) is not None:
                 log.warning(f"while stopping on an error, logging to MLflow also failed: {lost}")
             elif self.tracker.opened:  # KILLED: stopped, to be resumed (a Ctrl-C at once, a checkpoint not written)
-                self.tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt | NotFinished) else "FAILED")
+                self._end_tracking("KILLED" if isinstance(err, KeyboardInterrupt | NotFinished) else "FAILED")
             raise
         try:
             self.ranks.share(lambda: self._raise_if_behind(lost))  # on every rank, so all leave their group together
@@ -308,7 +316,7 @@ class TrainingSession:
         if not completed:
             flag.uninstall()
             if self.tracker.opened:
-                self.tracker.finish("KILLED")
+                self._end_tracking("KILLED")
             self.ranks.barrier()  # no rank exits before rank 0 has written: torchrun stops the others when one exits
             raise Stopped(
                 f"stopped by {stop.signal_name} at epoch {self.progress.epoch + 1}, batch {self.progress.batch}; "
@@ -329,7 +337,8 @@ class TrainingSession:
             self.record.save()
             if stopped_early is not None:
                 self.tracker.set_tags({"stopped_early": stopped_early})
-            self.tracker.finish("FINISHED", end_time=self.ended_ms)
+            self._end_tracking("FINISHED", end_time=self.ended_ms)
+            self._say_where_runs_are()
         # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
         # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
         flag.uninstall()
@@ -448,6 +457,52 @@ class TrainingSession:
             summary.update({f"best_{self.best.monitor}": value, "best_epoch": epoch})
         step = len(self.history.epochs) - 1
         self.persister.submit(lambda: self.tracker.log_metrics(summary, step))
+
+    def _log_model(self) -> None:
+        """The trained model as the MLflow run's model (``tracking.log_model``): best.pt's weights when there is
+        one, else the last epoch's, on the CPU, logged on the persist thread. A failure to log it is a warning:
+        the checkpoints hold the model, and the run's metrics are all logged."""
+        if not (self.ranks.is_main and self.tracking.log_model):
+            return
+        model = copy.deepcopy(self.model).to("cpu").float().eval()  # fp32: what a served model is called with
+        weights, path = "the last epoch's", best_file(self.record.run_dir)
+        if path.is_file():
+            best = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(best["model"])
+            weights = f"best.pt's (epoch {best['epoch']})"
+        example = sample_batch(self.data, torch.device("cpu"), size=2)[0].float()
+        name = self.tracking.registered_model_name
+
+        def log_model() -> None:
+            try:
+                uri = self.tracker.log_model(model, example, name)
+            except Exception as err:  # noqa: BLE001 - said in one line; the run's metrics are logged
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                log.warning(f"the model was not logged to MLflow ({reason}); the checkpoints hold it")
+                return
+            registered = f", registered as {name!r}" if name else ""
+            log.info(f"MLflow model {uri}: {weights} weights{registered}")
+
+        self.persister.submit(log_model)
+
+    def _end_tracking(self, status: str, end_time: int | None = None) -> None:
+        """End the MLflow run with runner.log uploaded as it stands (the end of training, or the stop)."""
+        run_log = self.record.run_dir / "runner.log"
+        try:
+            if run_log.is_file():
+                self.tracker.log_artifact(run_log)
+        except Exception as err:  # noqa: BLE001 - the run's status matters more than its log
+            log.warning(f"runner.log was not uploaded to MLflow ({str(err).strip()[:200]})")
+        self.tracker.finish(status, end_time=end_time)
+
+    def _say_where_runs_are(self) -> None:
+        """Where to see the run: the runs table's address on a server, or the command that serves a local store."""
+        url = self.tracker.runs_table_url()
+        if url is not None:
+            log.info(f"MLflow runs table: {url}")
+        elif str(self.tracker.uri).startswith("sqlite:///"):
+            table = runs_table_url("http://127.0.0.1:5000", self.tracker.experiment_id)
+            log.info(f"see the runs: mlflow ui --backend-store-uri {self.tracker.uri}, then open {table}")
 
     def _record_divergence(self, err: Diverged) -> None:
         """runner.json says the run diverged, so the same command refuses instead of resuming into it. Every rank

@@ -238,8 +238,10 @@ class Tracker:
         self.uri, self.experiment = uri, experiment
         bound_http_waits(wait_s)
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
+        self.system_metrics = None  # MLflow's SystemMetricsMonitor, while it samples
 
     @property
     def opened(self) -> bool:
@@ -255,7 +257,7 @@ class Tracker:
         directory, so no process is logging to it.
         """
         self.client, experiment_id = open_experiment(self.uri, self.experiment)
-        self.uri = self.client.tracking_uri
+        self.uri, self.experiment_id = self.client.tracking_uri, experiment_id
         with _store_errors(self.uri):
             if run_id is None and run_dir is not None and (run_id := self._orphan_of(experiment_id, run_dir)):
                 log.info(
@@ -344,9 +346,87 @@ class Tracker:
         """Log one metric at many steps (the per-step LR), leaving out steps MLflow already holds."""
         self.log_epochs([(step, {key: value}) for step, value in sorted(values.items())])
 
-    def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Upload a file, or a folder's files, into the run's artifacts (under ``folder``)."""
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_model(self, model, example, registered_model_name: str | None = None) -> str:
+        """Log ``model`` (on the CPU, in eval mode) as the run's MLflow model ``model``, with the signature and
+        input example of ``example`` (a batch of inputs); the model's URI.
+
+        Saved as torch.export's program (MLflow's safe ``pt2`` format: it loads without the model's code); a model
+        torch.export cannot trace is pickled instead, which loads only where its code can be imported. The pip
+        requirements are given, so MLflow does not spend seconds inferring them in a subprocess.
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        # mlflow.pytorch.log_model reads the process's URI and experiment, not a client's: without them the model
+        # lands in experiment 0 ("Default"), whose artifacts go to ./mlruns wherever the command was started
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        with torch.no_grad():
+            output = model(example)
+        settings = {
+            "name": "model",
+            "signature": infer_signature(example.numpy(), output.numpy()),
+            "input_example": example.numpy(),
+            "pip_requirements": mlflow.pytorch.get_default_pip_requirements(),
+            "registered_model_name": registered_model_name,
+            "run_id": self.run_id,
+        }
+        try:
+            info = mlflow.pytorch.log_model(model, serialization_format="pt2", **settings)
+        except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            log.warning(f"torch.export cannot trace the model ({reason}); logging it pickled instead")
+            with warnings_hidden("mlflow.pytorch"):  # its warning on pickles: said above, in our words
+                info = mlflow.pytorch.log_model(model, serialization_format="pickle", **settings)
+        return info.model_uri
+
+    def start_system_metrics(self) -> None:
+        """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its
+        ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), continued from its last step on a resumed run."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.system_metrics = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=self.uri)
+        self.system_metrics.start()
+
+    def stop_system_metrics(self) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.finish()  # logs what it sampled last
+            self.system_metrics = None
+
+    def runs_table_url(self) -> str | None:
+        """The address of the experiment's runs table for a tracking server. MLflow 3's UI opens an experiment on
+        its GenAI overview unless ``workflowType=machine_learning`` asks for the runs (docs/ and the README)."""
+        if not str(self.uri).startswith(("http://", "https://")) or self.experiment_id is None:
+            return None
+        return runs_table_url(self.uri, self.experiment_id)
 
     def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
         """End the run: ``end_time`` (ms) when training ended, else now."""
+        self.stop_system_metrics()
         self.client.set_terminated(self.run_id, status, end_time=end_time)
+
+
+def runs_table_url(server: str, experiment_id: str) -> str:
+    """Where MLflow's UI at ``server`` shows experiment ``experiment_id``'s runs table."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+@contextmanager
+def warnings_hidden(logger_name: str):
+    """Hide ``logger_name``'s warnings for a moment (MLflow's, repeated in the runner's own words)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

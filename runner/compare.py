@@ -5,8 +5,8 @@
     python -m runner.compare --sweep 80dd6d9cb31c # the jobs of one sweep (tag sweep_id), in any experiment
     python -m runner.compare --runs ID ID ...
 
-Writes PREFIX.png (LR, val_loss and val_accuracy per epoch, one line per run, labelled by the overrides that set
-it apart), PREFIX.csv and PREFIX.md (the ranking), and prints the ranking.
+Writes PREFIX.png (LR, train_loss, val_loss and val_accuracy per epoch, those the runs logged, one line per run,
+labelled by the overrides that set it apart), PREFIX.csv and PREFIX.md (the ranking), and prints the ranking.
 """
 
 from __future__ import annotations
@@ -17,11 +17,35 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from runner.errors import ConfigError, RunnerError, full_traceback_wanted, report_error
 from runner.metrics import METRICS, metric
+from runner.sweep import PARENT_TAG
 
-CURVES = (("lr", "learning rate"), ("val_loss", "validation loss"), ("val_accuracy", "validation accuracy"))
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class Curve(NamedTuple):
+    """A panel of the PNG: one metric logged per epoch (MLflow step = epoch index)."""
+
+    key: str
+    title: str
+    ylabel: str
+    log: bool  # LRs and losses span decades: Adam's 1e-3 beside SGD's 0.1, a loss falling 100-fold
+
+
+CURVES = (
+    Curve("lr", "learning rate", "learning rate (log scale)", True),
+    Curve("train_loss", "training loss", "loss (log scale)", True),
+    Curve("val_loss", "validation loss", "loss (log scale)", True),
+    Curve("val_accuracy", "validation accuracy", "accuracy", False),
+)
+# Colours repeat after ten; markers (seven: coprime with ten) and a dash pattern per ten runs keep every run's
+# (colour, line style, marker) distinct, and hollow markers at staggered epochs keep coinciding curves visible.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 SORT_KEYS = tuple(f"{kind}_{name}" for name in METRICS if name.startswith("val_") for kind in ("final", "best"))
 
 
@@ -37,6 +61,7 @@ class RunCurves:
     status: str
     curves: dict[str, list[float]] = field(default_factory=dict)  # metric -> value per epoch
     label: str = ""
+    lr_per_batch: bool = False  # the schedule steps every batch: `lr` is sampled at each epoch's start, not held
 
     def final(self, key: str) -> float:
         values = self.curves.get(key)
@@ -80,6 +105,13 @@ def select_runs(client, experiment: str | None, sweep: str | None, run_ids: list
                 runs.append(client.get_run(run_id))
             except MlflowException:
                 raise ConfigError(f"no MLflow run {run_id} in {client.tracking_uri}.") from None
+        for run in runs:
+            if PARENT_TAG in run.data.tags:
+                sweep = run.data.tags[PARENT_TAG]
+                raise ConfigError(
+                    f"MLflow run {run.info.run_id} stands for sweep {sweep}, not one training run: compare its "
+                    f"jobs with --sweep {sweep}."
+                )
         return runs
     if sweep:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
@@ -98,6 +130,7 @@ def select_runs(client, experiment: str | None, sweep: str | None, run_ids: list
         names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
         raise ConfigError(f"no MLflow experiment {experiment!r} in {client.tracking_uri} (experiments there: {names}).")
     runs = client.search_runs([found.experiment_id], max_results=5000)
+    runs = [run for run in runs if PARENT_TAG not in run.data.tags]  # a sweep's own run: its jobs are its children
     if not runs:
         raise ConfigError(f"MLflow experiment {experiment!r} in {client.tracking_uri} has no runs.")
     return runs
@@ -113,11 +146,14 @@ def read_curves(client, run) -> RunCurves:
         scheduler=tags.get("scheduler") or params.get("scheduler._target_", "?").rsplit(".", 1)[-1],
         optimizer=tags.get("optimizer") or params.get("optimizer._target_", "?").rsplit(".", 1)[-1],
         status=run.info.status,
+        lr_per_batch=params.get("scheduler.interval") == "step",
     )
-    for key, _ in CURVES:
-        if key in run.data.metrics:
-            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-            result.curves[key] = [m.value for m in history]
+    # Not `lr_step` (logged with tracking.log_every_n_steps): its steps are optimizer steps, and MLflow holds
+    # nothing that maps them onto epochs exactly (batches per epoch, gradient accumulation, resumed runs).
+    for curve in CURVES:
+        if curve.key in run.data.metrics:
+            history = sorted(client.get_metric_history(run.info.run_id, curve.key), key=lambda m: m.step)
+            result.curves[curve.key] = [m.value for m in history]
     return result
 
 
@@ -170,30 +206,66 @@ def as_markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw(runs: list[RunCurves], path: Path, title: str) -> None:
-    import matplotlib
+def style(index: int) -> dict[str, object]:
+    """The index-th run's colour, line style and marker: a triple no other run of the first 70 has."""
+    return {
+        "color": f"C{index % 10}",
+        "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)],
+        "marker": MARKERS[index % len(MARKERS)],
+        "fillstyle": "none",  # hollow: a marker on top leaves the one beneath it visible
+    }
 
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
 
-    shown = [(key, name) for key, name in CURVES if any(key in r.curves for r in runs)]
-    figure, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 4.4), squeeze=False)
-    for axis, (key, name) in zip(axes[0], shown, strict=True):
-        for run in runs:
-            values = run.curves.get(key)
-            if values:
-                axis.plot(range(1, len(values) + 1), values, label=run.label, linewidth=1.6)
-        axis.set_title(name)
-        axis.set_xlabel("epoch")
+def legend_columns(labels: list[str], width: float) -> tuple[int, float]:
+    """Columns of a legend below a figure ``width`` inches wide, and the width (grown if one column is wider)."""
+    column = 0.8 + 0.065 * max(len(label) for label in labels)  # handle and gaps, then ~0.065" a character
+    fit = max(1, min(len(labels), int(width // column)))
+    rows = -(-len(labels) // fit)
+    return -(-len(labels) // rows), max(width, column + 0.5)  # as many columns as the rows need: balanced
+
+
+def draw(runs: list[RunCurves], path: Path, title: str) -> Figure:
+    """Draw one panel per metric any run logged, save it to ``path`` and return the matplotlib Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure to close
+    from matplotlib.lines import Line2D
+
+    shown = [curve for curve in CURVES if any(curve.key in r.curves for r in runs)]
+    if not shown:
+        raise ConfigError(f"none of the {len(runs)} run(s) logged {', '.join(c.key for c in CURVES)}: nothing to draw.")
+    labels = [run.label for run in runs]
+    columns, width = legend_columns(labels, 4.6 * len(shown))
+    rows = -(-len(labels) // columns)
+    # layout="constrained" makes room for a legend placed "outside": the panels keep their height as it grows
+    figure = Figure(figsize=(width, 4.0 + 0.22 * rows), dpi=110, layout="constrained")
+    for axis, curve in zip(figure.subplots(1, len(shown), squeeze=False)[0], shown, strict=True):
+        for index, run in enumerate(runs):
+            values = run.curves.get(curve.key)
+            if not values:
+                continue
+            epochs = list(range(1, len(values) + 1))
+            held = curve.key == "lr" and not run.lr_per_batch
+            if held:  # one LR for the whole epoch: a step from its start to the next, the last epoch's included
+                epochs, values = [*epochs, epochs[-1] + 1], [*values, values[-1]]
+            every = max(1, len(values) // 10)
+            axis.plot(
+                epochs,
+                values,
+                drawstyle="steps-post" if held else "default",
+                markevery=(index % every, every),  # staggered: coinciding runs show their markers side by side
+                markersize=5,
+                linewidth=1.5,
+                zorder=3 - index / len(runs),  # the best-ranked on top
+                label=run.label,
+                **style(index),
+            )
+        axis.set(title=curve.title, xlabel="epoch", ylabel=curve.ylabel, yscale="log" if curve.log else "linear")
         axis.grid(alpha=0.3)
-        if key == "val_loss":
-            axis.set_yscale("log")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
+    # Proxy handles: every run is listed even where a panel lacks it, without the plotted lines' markevery
+    handles = [Line2D([], [], linewidth=1.5, markersize=5, **style(i)) for i in range(len(runs))]
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # tight: a label longer than guessed is not cut off
+    return figure
 
 
 def compare(

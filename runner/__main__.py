@@ -25,7 +25,7 @@ from runner.errors import (
     is_config_error,
     report_error,
 )
-from runner.sweep import SWEEP_ID_ENV, SWEPT_KEYS_ENV, record_failed_job
+from runner.sweep import SWEEP_ID_ENV, SWEEP_PARENT_ENV, SWEPT_KEYS_ENV, record_failed_job
 
 log = logging.getLogger("runner")
 register_schemas()
@@ -66,11 +66,13 @@ def main(cfg: DictConfig) -> float | None:
 def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     """How MLflow groups the jobs of one sweep; the id is set by SweepCallback in the launching process."""
     sweep_dir = str(Path(hydra_cfg.sweep.dir).resolve())
-    return {
+    tags = {
         "sweep_id": os.environ.get(SWEEP_ID_ENV) or sweep_dir,
         "sweep_dir": sweep_dir,
         "job_num": str(hydra_cfg.job.num),
+        "mlflow.parentRunId": os.environ.get(SWEEP_PARENT_ENV),  # the UI shows the sweep as one expandable row
     }
+    return {key: value for key, value in tags.items() if value}
 
 
 def entry() -> None:

@@ -229,7 +229,11 @@ class TrainingSession:
         def open_tracking() -> None:
             tracker, record = self.tracker, self.record
             tracker.open(
-                context.run_name, record.mlflow_run_id, run_dir=str(record.run_dir.resolve()), start_time=started
+                context.run_name,
+                record.mlflow_run_id,
+                run_dir=str(record.run_dir.resolve()),
+                start_time=started,
+                parent_run_id=context.sweep.get("mlflow.parentRunId"),
             )
             record.mlflow_run_id = tracker.run_id
             record.save()

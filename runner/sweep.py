@@ -1,4 +1,5 @@
-"""What a multirun shares across its jobs: one sweep id, one ready MLflow store, one list of failed jobs.
+"""What a multirun shares across its jobs: one sweep id, one ready MLflow store, one MLflow parent run that holds
+the jobs' runs as its children (and, at the end, their comparison), one list of failed jobs.
 
 Hydra calls ``SweepCallback`` in the launching process, before and after the jobs, whatever the launcher (basic,
 joblib, submitit) and sweeper (basic, Optuna). Jobs may run in other processes or on other nodes, so what they
@@ -19,9 +20,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError, report_error
+from runner.tracking import store_errors
 
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"
 SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"  # the keys a multirun varies, comma-separated: its jobs are named by them
+SWEEP_PARENT_ENV = "RUNNER_SWEEP_PARENT_RUN"  # the sweep's MLflow run: each job's run is its child
+PARENT_TAG = "runner.sweep_parent"  # on the sweep's own run: its sweep id (the jobs' runs have sweep_id)
 FAILED_JOBS_FILE = "failed_jobs.txt"
 
 
@@ -64,6 +68,61 @@ def _is_operational_override(override: str) -> bool:
     return not split_settings({key: ""})[0]
 
 
+def sweep_overrides(config: DictConfig) -> list[str]:
+    """The overrides as typed that make the sweep (``scheduler=constant,cosine``), and a sweeper's search space."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(task)
+    swept = [text for text, override in zip(task, parsed, strict=True) if override.is_sweep_override()]
+    searched = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return swept + [f"{key}={value}" for key, value in searched.items()]
+
+
+def open_parent_run(uri: str | None, experiment: str, sweep: str, name: str, sweep_dir: str) -> str:
+    """The sweep's MLflow run, whose children its jobs' runs are: the one made by an earlier launch of the same
+    sweep (an interrupted sweep started again keeps its parent), else a new one."""
+    from mlflow.entities import ViewType
+
+    from runner.tracking import current_user, open_experiment
+
+    client, experiment_id = open_experiment(uri, experiment)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep}'", max_results=1, run_view_type=ViewType.ALL
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if found[0].info.lifecycle_stage == "deleted":  # deleted in the UI, then the sweep started again
+            client.restore_run(run_id)
+        return run_id
+    tags = {PARENT_TAG: sweep, "sweep_dir": sweep_dir, "mlflow.user": current_user()}
+    tags = {key: value for key, value in tags.items() if value}
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def close_parent_run(uri: str | None, run_id: str, sweep: str, sweep_dir: Path, failed: bool) -> None:
+    """Put the comparison of the sweep's runs (runner.compare's PNG, CSV and Markdown) into its parent run, print
+    the ranking, and end the parent run. A comparison that cannot be made is a warning: the runs are logged."""
+    from runner.compare import compare
+    from runner.tracking import open_client, runs_table_url
+
+    client = open_client(uri)
+    out = sweep_dir / "comparison"
+    try:
+        ranking = compare(client.tracking_uri, None, sweep, None, out, "final_val_loss")
+    except RunnerError as err:
+        print(f"[runner] no comparison of sweep {sweep}: {err}", file=sys.stderr)
+    else:
+        for suffix in (".png", ".csv", ".md"):
+            client.log_artifact(run_id, str(out.with_suffix(suffix)), "comparison")
+        print(f"sweep {sweep}, ranked by final val_loss:\n{ranking}\n(also {out}.png, .csv, .md)", file=sys.stderr)
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    if str(client.tracking_uri).startswith(("http://", "https://")):
+        experiment_id = client.get_run(run_id).info.experiment_id
+        print(f"MLflow runs table: {runs_table_url(client.tracking_uri, experiment_id)}", file=sys.stderr)
+
+
 def record_failed_job(sweep_dir: Path, name: str) -> None:
     """Note a failed job where the launching process finds it, even when the job ran in another process."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +148,16 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml under ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        os.environ[SWEEP_ID_ENV] = sweep_id(config)
+        sweep = os.environ[SWEEP_ID_ENV] = sweep_id(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
+        name = "sweep " + " ".join(sweep_overrides(config))
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         try:
             prepare_tracking_store(config.tracking.uri, config.tracking.experiment)
+            with store_errors(config.tracking.uri):
+                os.environ[SWEEP_PARENT_ENV] = open_parent_run(
+                    config.tracking.uri, config.tracking.experiment, sweep, name, sweep_dir
+                )
         except RunnerError as err:
             sys.exit(report_error(err))
 
@@ -103,5 +168,10 @@ class SweepCallback(Callback):
         """
         path = Path(config.hydra.sweep.dir) / FAILED_JOBS_FILE
         failed = [line for line in path.read_text(encoding="utf-8").splitlines() if line] if path.exists() else []
+        parent = os.environ.get(SWEEP_PARENT_ENV)
+        if parent:
+            close_parent_run(
+                config.tracking.uri, parent, os.environ[SWEEP_ID_ENV], Path(config.hydra.sweep.dir), failed
+            )
         if failed:
             sys.exit(report_error(RunnerError(f"{len(failed)} job(s) failed: {'; '.join(failed)}")))

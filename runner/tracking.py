@@ -133,7 +133,7 @@ def bound_http_waits(wait_s: float) -> None:
 
 
 @contextmanager
-def _store_errors(uri: str | None):
+def store_errors(uri: str | None):
     try:
         yield
     except ConfigError:
@@ -172,7 +172,7 @@ def _create_store_atomically(database: Path) -> None:
     for leftover in database.parent.glob(f".{database.name}.creating-*"):  # a creation killed midway
         leftover.unlink(missing_ok=True)
     creating = database.with_name(f".{database.name}.creating-{os.getpid()}")
-    with _store_errors(f"sqlite:///{database}"):
+    with store_errors(f"sqlite:///{database}"):
         MlflowClient(tracking_uri=f"sqlite:///{creating}").search_experiments(max_results=1)  # runs the migrations
         os.replace(creating, database)
 
@@ -195,7 +195,7 @@ def open_client(uri: str | None):
     _quiet_mlflow_loggers()
     uri = uri or mlflow.get_tracking_uri()
     check_store_reachable(uri)
-    with _store_errors(uri):
+    with store_errors(uri):
         return MlflowClient(tracking_uri=uri)
 
 
@@ -209,7 +209,7 @@ def open_experiment(uri: str | None, name: str):
 
     with _creating_store(uri):
         client = open_client(uri)
-        with _store_errors(client.tracking_uri):
+        with store_errors(client.tracking_uri):
             experiment = client.get_experiment_by_name(name)
             if experiment is not None:
                 return client, experiment.experiment_id
@@ -248,7 +248,12 @@ class Tracker:
         return self.run_id is not None
 
     def open(
-        self, run_name: str, run_id: str | None = None, run_dir: str | None = None, start_time: int | None = None
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        run_dir: str | None = None,
+        start_time: int | None = None,
+        parent_run_id: str | None = None,
     ) -> Tracker:
         """Create the MLflow run, or re-attach ``run_id``; this is when mlflow is imported and its store opened.
 
@@ -258,7 +263,7 @@ class Tracker:
         """
         self.client, experiment_id = open_experiment(self.uri, self.experiment)
         self.uri, self.experiment_id = self.client.tracking_uri, experiment_id
-        with _store_errors(self.uri):
+        with store_errors(self.uri):
             if run_id is None and run_dir is not None and (run_id := self._orphan_of(experiment_id, run_dir)):
                 log.info(
                     f"adopting MLflow run {run_id}, left RUNNING for {run_dir} by a launch killed before recording it"
@@ -267,7 +272,7 @@ class Tracker:
                 self.run_id, self.resumed = run_id, True
             else:
                 # mlflow.user at creation: MLflow takes the run's user from it then, not from a later tag
-                tags = {"run_dir": run_dir, "mlflow.user": current_user()}
+                tags = {"run_dir": run_dir, "mlflow.user": current_user(), "mlflow.parentRunId": parent_run_id}
                 tags = {key: value for key, value in tags.items() if value is not None}
                 # start_time: when training began, not when this thread got round to creating the run
                 self.run_id = self.client.create_run(

@@ -143,10 +143,19 @@ def run_runner(
     env: dict[str, str | None] | None = None,
     timeout: float = 600,
     fresh_store: bool = False,
+    log_model: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``python -m runner args…`` as a user would start it, in ``cwd`` (a new SQLite store seeded: ``seed_store``)."""
+    """``python -m runner args…`` as a user would start it, in ``cwd`` (a new SQLite store seeded: ``seed_store``).
+
+    Without the model logged to MLflow (``tracking.log_model=false`` added) unless ``log_model`` or the args say
+    otherwise: torch.export's tracing costs seconds of CPU at the end of each run, and only the tests of the model
+    (tests/test_mlflow_outputs.py, the quick start, the README's commands run as written) are about it."""
     if not fresh_store:
         seed_store(args)
+    if not log_model and not any(
+        arg.startswith(("tracking.log_model=", "tracking.registered_model_name=")) for arg in args
+    ):
+        args = (*args, "tracking.log_model=false")
     full_env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
     full_env = {key: value for key, value in full_env.items() if value is not None}  # env={"X": None} unsets X
@@ -156,7 +165,19 @@ def run_runner(
 
 
 def mlflow_runs(uri: str, experiment: str):
-    """Every run of ``experiment``, read back through the real MLflow client."""
+    """Every training run of ``experiment``, read back through the real MLflow client: not the runs that stand for
+    whole sweeps (``sweep_parents``)."""
+    client, runs = _all_runs(uri, experiment)
+    return client, [run for run in runs if "runner.sweep_parent" not in run.data.tags]
+
+
+def sweep_parents(uri: str, experiment: str):
+    """The runs that stand for sweeps (runner.sweep's parent runs), whose children the jobs' runs are."""
+    client, runs = _all_runs(uri, experiment)
+    return client, [run for run in runs if "runner.sweep_parent" in run.data.tags]
+
+
+def _all_runs(uri: str, experiment: str):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -23,7 +23,7 @@ def tracked(tmp_path, experiment="e2e"):
 
 def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_directory(tmp_path):
     before = time.time() * 1000
-    result = run_runner("scheduler=linear", "trainer.epochs=3", *QUIET, cwd=tmp_path)
+    result = run_runner("scheduler=linear", "trainer.epochs=3", *QUIET, cwd=tmp_path, log_model=True)
     after = time.time() * 1000
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mlflow.db").exists()  # MLflow's own default store, where `mlflow ui` looks
@@ -38,6 +38,7 @@ def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_direc
     # Nothing lost on the way out, which skips the final garbage collection (runner.__main__.end_quickly): the log
     # holds its last lines, MLflow the finished run with every epoch, the last checkpoint says it is the end.
     assert f"MLflow run {logged.info.run_id}" in log
+    assert "MLflow model models:/m-" in log and "best.pt's (epoch 3) weights" in log  # logged by default
     assert logged.info.status == "FINISHED" and len(metric_series(client, logged.info.run_id, "val_accuracy")) == 3
     assert torch.load(list_checkpoints(run_dir)[-1], weights_only=True)["finished"]
     # MLflow's own tags, the versions, and no tag without a value (tracking.uri was left to MLflow's default)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import metric_series, mlflow_runs, run_runner
+from conftest import metric_series, mlflow_runs, run_runner, sweep_parents
 
 pytestmark = pytest.mark.slow  # real multirun sweeps, servers and launchers
 
@@ -106,6 +106,9 @@ def test_interrupted_sweep_resumes_unfinished_jobs_and_skips_finished_ones(tmp_p
         assert_each_epoch_logged_once(client, run, epochs)
     by_name = {r.data.tags["scheduler"]: r for r in runs}
     assert by_name["linear"].data.tags["run_dir"] == str(dirs[1].resolve())
+    _, (parent,) = sweep_parents(uri, "sweep")  # the sweep started again keeps its one parent run
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +144,40 @@ def test_parallel_joblib_jobs_share_a_fresh_sqlite_store_without_losing_anything
         assert run.info.status == "FINISHED"
         assert run.info.run_name == f"scheduler={run.data.tags['scheduler']}"  # the override that sets it apart
         assert_each_epoch_logged_once(client, run, 30)
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_parent_run_holding_its_jobs_and_their_comparison(parallel_sweep):
+    tmp_path, uri, result = parallel_sweep
+    client, runs = mlflow_runs(uri, "sweep")
+    _, (parent,) = sweep_parents(uri, "sweep")
+    assert parent.info.run_name == f"sweep scheduler={','.join(SCHEDULES)}"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["runner.sweep_parent"] == runs[0].data.tags["sweep_id"]
+    assert [r.data.tags.get("mlflow.parentRunId") for r in runs] == [parent.info.run_id] * len(SCHEDULES)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} == {
+        f"comparison/comparison.{suffix}" for suffix in ("png", "csv", "md")
+    }
+    table = Path(client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path / "down")))
+    assert sorted(row["scheduler"] for row in csv.DictReader(table.open())) == sorted(
+        r.data.tags["scheduler"] for r in runs
+    )
+    assert "ranked by final val_loss" in result.stderr  # the ranking is printed when the sweep ends
+
+    def compare(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "runner.compare", *args, "--tracking-uri", uri, "--out", str(tmp_path / "c")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    whole = compare("sweep")  # the experiment: its training runs, not the run that stands for the sweep
+    assert whole.returncode == 0, whole.stderr
+    assert sorted(line.split()[1] for line in whole.stdout.splitlines()[1 : len(runs) + 1]) == sorted(
+        r.info.run_name for r in runs
+    )
+    assert parent.info.run_id not in whole.stdout
+    refused = compare("--runs", parent.info.run_id)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        f"compare its jobs with --sweep {parent.data.tags['runner.sweep_parent']}."
+    )
 
 
 @pytest.mark.slow
@@ -297,7 +334,15 @@ def test_parallel_jobs_log_to_a_real_tracking_server(mlflow_server, tmp_path):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert_each_epoch_logged_once(client, run, 10)
-        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["resolved_config.yaml"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [
+            "hydra",
+            "resolved_config.yaml",
+            "runner.log",
+        ]
+    experiment_id = runs[0].info.experiment_id
+    assert f"MLflow runs table: {mlflow_server}/#/experiments/{experiment_id}?workflowType=machine_learning" in (
+        result.stderr
+    )
 
 
 def test_unreachable_tracking_server_is_one_line_before_anything_runs(tmp_path):
@@ -388,6 +433,8 @@ def test_submitit_requeues_a_signalled_job_which_resumes_from_its_checkpoint(tmp
     client, runs = mlflow_runs(uri, "submitit")
     (run,) = runs
     assert run.info.status == "FINISHED"
+    _, (parent,) = sweep_parents(uri, "submitit")  # made in the launching process, the child's in the task
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert_each_epoch_logged_once(client, run, epochs)
 
 

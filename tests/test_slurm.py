@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner
+from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run_runner, sweep_parents
 
 from runner.checkpoint import list_checkpoints
 from runner.signals import FAULT_AT_STEP_ENV, STEP_DELAY_ENV
@@ -219,6 +219,9 @@ def test_a_sweep_with_one_job_requeued_finishes_every_job_once_and_a_rerun_adds_
     client, runs = mlflow_runs(uri, "runner")
     assert sorted(r.data.tags["scheduler"] for r in runs) == ["constant", "cosine", "linear"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+    _, (parent,) = sweep_parents(uri, "runner")  # made by the launching process, before sbatch
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
     histories = {
         r.info.run_id: {
             key: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)]

@@ -253,6 +253,8 @@ class TrainingSession:
             log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
 
         self.persister.submit(open_tracking)
+        if self.tracking.log_model:
+            self.persister.submit(self.tracker.prepare_model_logging)
 
     def _tags(self, context: RunContext, launch: Launch) -> dict[str, str]:
         """Tags may change between launches (device, number of processes, tracking settings); params may not."""

@@ -6,6 +6,7 @@ re-attached by id when a job resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -393,6 +394,30 @@ class Tracker:
             with warnings_hidden("mlflow.pytorch"):  # its warning on pickles: said above, in our words
                 info = mlflow.pytorch.log_model(model, serialization_format="pickle", **settings)
         return info.model_uri
+
+    def prepare_model_logging(self) -> None:
+        """Do now, while training runs, the seconds of first-time work that logging the model at the end would
+        otherwise make the run's end wait for: importing MLflow's PyTorch flavor, torch.export's first export (its
+        tracing machinery warms up once per process), MLflow's map of installed packages (read once, to check the
+        pip requirements), and its context tags (which import IPython to ask whether this is a notebook). Saving a
+        tiny model the same way, into a temporary folder, does the first three."""
+        import tempfile
+
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.tracking.context.registry import resolve_tags
+
+        resolve_tags()
+
+        with tempfile.TemporaryDirectory() as folder, contextlib.suppress(Exception):  # log_model says what fails
+            mlflow.pytorch.save_model(
+                torch.nn.Linear(1, 1),
+                f"{folder}/model",
+                serialization_format="pt2",
+                input_example=np.zeros((1, 1), dtype=np.float32),
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            )
 
     def start_system_metrics(self) -> None:
         """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from runner.errors import ConfigError, RunnerError, full_traceback_wanted, report_error
 from runner.metrics import METRICS, metric
-from runner.sweep import PARENT_TAG
+from runner.tracking import PARENT_TAG
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

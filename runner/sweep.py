@@ -20,12 +20,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError, report_error
-from runner.tracking import store_errors
+from runner.tracking import PARENT_TAG, store_errors
 
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"
 SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"  # the keys a multirun varies, comma-separated: its jobs are named by them
 SWEEP_PARENT_ENV = "RUNNER_SWEEP_PARENT_RUN"  # the sweep's MLflow run: each job's run is its child
-PARENT_TAG = "runner.sweep_parent"  # on the sweep's own run: its sweep id (the jobs' runs have sweep_id)
 FAILED_JOBS_FILE = "failed_jobs.txt"
 
 

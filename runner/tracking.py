@@ -22,6 +22,7 @@ from runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PARENT_TAG = "runner.sweep_parent"  # on a sweep's own run (runner.sweep): its sweep id; its jobs' runs have sweep_id
 # Fault injection for the tests: "1" sends SIGKILL to this process right after it created its MLflow run, before
 # runner.json records the run's id (as a kill at that instant would).
 FAULT_AFTER_RUN_CREATED_ENV = "RUNNER_FAULT_AFTER_MLFLOW_RUN"
@@ -243,6 +244,7 @@ class Tracker:
         self.logged: dict[str, set[int]] = {}
         self.resumed = False
         self.system_metrics = None  # MLflow's SystemMetricsMonitor, while it samples
+        self.system_metrics_from = -1  # the step it started at
 
     @property
     def opened(self) -> bool:
@@ -425,12 +427,20 @@ class Tracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.system_metrics = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=self.uri)
+        self.system_metrics_from = getattr(self.system_metrics, "_logging_step", -1)  # its next step (MLflow 3.x)
         self.system_metrics.start()
 
     def stop_system_metrics(self) -> None:
-        if self.system_metrics is not None:
-            self.system_metrics.finish()  # logs what it sampled last
-            self.system_metrics = None
+        """Stop MLflow's sampling; a run that ended within its first interval gets one sample taken now (MLflow's
+        monitor drops a sample it had not logged yet when it is stopped)."""
+        monitor, self.system_metrics = self.system_metrics, None
+        if monitor is None:
+            return
+        monitor.finish()
+        if getattr(monitor, "_logging_step", None) == self.system_metrics_from:  # its thread logged nothing
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
     def runs_table_url(self) -> str | None:
         """The address of the experiment's runs table for a tracking server. MLflow 3's UI opens an experiment on

@@ -7,7 +7,6 @@ record and MLflow, and every rank takes part in the collectives (the stop agreem
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import time
@@ -253,8 +252,8 @@ class TrainingSession:
             log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
 
         self.persister.submit(open_tracking)
-        if self.tracking.log_model:
-            self.persister.submit(self.tracker.prepare_model_logging)
+        if self.tracking.log_model and not self.trainer.compile:  # not beside torch.compile: torch.export patches
+            self.persister.submit(self.tracker.prepare_model_logging)  # process-wide settings while it traces
 
     def _tags(self, context: RunContext, launch: Launch) -> dict[str, str]:
         """Tags may change between launches (device, number of processes, tracking settings); params may not."""
@@ -302,7 +301,6 @@ class TrainingSession:
             if completed:
                 self.callbacks.on_train_end(self.history.epochs[-1])
                 self._log_summary(self._score_test())
-                self._log_model()
             path = None if completed else self.checkpoint()
             lost = self._wait_for_tracking()  # every epoch logged before the run is called stopped or finished
         except BaseException as err:
@@ -344,10 +342,12 @@ class TrainingSession:
             if stopped_early is not None:
                 self.tracker.set_tags({"stopped_early": stopped_early})
             self._end_tracking("FINISHED", end_time=self.ended_ms)
-            self._say_where_runs_are()
         # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
         # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
         flag.uninstall()
+        if self.ranks.is_main:
+            self._log_model()
+            self._say_where_runs_are()
         return final_val_loss
 
     def end_epoch(self, result: EpochResult) -> bool:
@@ -466,30 +466,35 @@ class TrainingSession:
 
     def _log_model(self) -> None:
         """The trained model as the MLflow run's model (``tracking.log_model``): best.pt's weights when there is
-        one, else the last epoch's, on the CPU, logged on the persist thread. A failure to log it is a warning:
-        the checkpoints hold the model, and the run's metrics are all logged."""
-        if not (self.ranks.is_main and self.tracking.log_model):
+        one, else the last epoch's, on the CPU.
+
+        Only once the run is marked finished, in runner.json and in MLflow: a stop signal now (its handler is put
+        back) ends a finished run, so a resume never trains or logs it again, and a model that takes long to upload
+        never holds up the run's record. A failure is a warning: the checkpoints hold the model."""
+        if not self.tracking.log_model or not self.tracker.opened:
             return
-        model = copy.deepcopy(self.model).to("cpu").float().eval()  # fp32: what a served model is called with
-        weights, path = "the last epoch's", best_file(self.record.run_dir)
-        if path.is_file():
-            best = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(best["model"])
-            weights = f"best.pt's (epoch {best['epoch']})"
-        example = sample_batch(self.data, torch.device("cpu"), size=2)[0].float()
+        try:
+            model, weights = self._model_to_log()
+            example = sample_batch(self.data, torch.device("cpu"), size=2)[0]
+            example = example.float() if example.is_floating_point() else example  # token ids stay integers
+            uri = self.tracker.log_model(model, example, self.tracking.registered_model_name)
+        except Exception as err:  # noqa: BLE001 - said in one line; the run's metrics are all logged
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            log.warning(f"the model was not logged to MLflow ({reason}); the checkpoints hold it")
+            return
         name = self.tracking.registered_model_name
+        log.info(f"MLflow model {uri}: {weights} weights" + (f", registered as {name!r}" if name else ""))
 
-        def log_model() -> None:
-            try:
-                uri = self.tracker.log_model(model, example, name)
-            except Exception as err:  # noqa: BLE001 - said in one line; the run's metrics are logged
-                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                log.warning(f"the model was not logged to MLflow ({reason}); the checkpoints hold it")
-                return
-            registered = f", registered as {name!r}" if name else ""
-            log.info(f"MLflow model {uri}: {weights} weights{registered}")
-
-        self.persister.submit(log_model)
+    def _model_to_log(self) -> tuple[torch.nn.Module, str]:
+        """The model on the CPU in float32 and eval mode, with best.pt's weights if there is one; and which weights.
+        Training is over: the trained model itself is moved (no copy of a large model on the GPU)."""
+        model = self.model.to("cpu").float().eval()
+        path = best_file(self.record.run_dir)
+        if not path.is_file():
+            return model, "the last epoch's"
+        best = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(best["model"])
+        return model, f"best.pt's (epoch {best['epoch']})"
 
     def _end_tracking(self, status: str, end_time: int | None = None) -> None:
         """End the MLflow run with runner.log uploaded as it stands (the end of training, or the stop)."""

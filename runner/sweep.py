@@ -9,6 +9,7 @@ Nothing here imports torch; mlflow only when a multirun starts.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -87,13 +88,17 @@ def open_parent_run(uri: str | None, experiment: str, sweep: str, name: str, swe
 
     client, experiment_id = open_experiment(uri, experiment)
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep}'", max_results=1, run_view_type=ViewType.ALL
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{sweep}'",
+        run_view_type=ViewType.ALL,
+        order_by=["attributes.start_time ASC"],  # the first, should two launches at once have made one each
+        max_results=1,
     )
     if found:
         run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
         if found[0].info.lifecycle_stage == "deleted":  # deleted in the UI, then the sweep started again
-            client.restore_run(run_id)
+            client.restore_run(run_id)  # first: MLflow updates no deleted run
+        client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {PARENT_TAG: sweep, "sweep_dir": sweep_dir, "mlflow.user": current_user()}
     tags = {key: value for key, value in tags.items() if value}
@@ -110,16 +115,31 @@ def close_parent_run(uri: str | None, run_id: str, sweep: str, sweep_dir: Path, 
     out = sweep_dir / "comparison"
     try:
         ranking = compare(client.tracking_uri, None, sweep, None, out, "final_val_loss")
-    except RunnerError as err:
-        print(f"[runner] no comparison of sweep {sweep}: {err}", file=sys.stderr)
-    else:
         for suffix in (".png", ".csv", ".md"):
             client.log_artifact(run_id, str(out.with_suffix(suffix)), "comparison")
+    except Exception as err:  # noqa: BLE001 - the jobs' runs are logged; their comparison is a convenience
+        print(f"[runner] no comparison of sweep {sweep} in MLflow: {str(err).strip()[:300]}", file=sys.stderr)
+    else:
         print(f"sweep {sweep}, ranked by final val_loss:\n{ranking}\n(also {out}.png, .csv, .md)", file=sys.stderr)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
     if str(client.tracking_uri).startswith(("http://", "https://")):
         experiment_id = client.get_run(run_id).info.experiment_id
         print(f"MLflow runs table: {runs_table_url(client.tracking_uri, experiment_id)}", file=sys.stderr)
+
+
+def _end_parent_if_left(uri: str | None, run_id: str) -> None:
+    """At the launching process's exit: a sweep that did not reach its end (stopped, a job raised) leaves its parent
+    run KILLED, as its jobs' runs are, not RUNNING; the same sweep run again picks it up."""
+    if os.environ.get(SWEEP_PARENT_ENV) != run_id:  # ended by on_multirun_end
+        return
+    try:
+        from runner.tracking import open_client
+
+        client = open_client(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - the process is exiting; the next launch of the sweep sets it again
+        pass
 
 
 def record_failed_job(sweep_dir: Path, name: str) -> None:
@@ -151,12 +171,16 @@ class SweepCallback(Callback):
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
         name = "sweep " + " ".join(sweep_overrides(config))
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        # Its jobs' runs in several experiments or stores: no one parent can hold them
+        one_place = not {"tracking.uri", "tracking.experiment"} & set(swept_keys(config))
+        os.environ.pop(SWEEP_PARENT_ENV, None)
         try:
             prepare_tracking_store(config.tracking.uri, config.tracking.experiment)
-            with store_errors(config.tracking.uri):
-                os.environ[SWEEP_PARENT_ENV] = open_parent_run(
-                    config.tracking.uri, config.tracking.experiment, sweep, name, sweep_dir
-                )
+            if one_place:
+                with store_errors(config.tracking.uri):
+                    parent = open_parent_run(config.tracking.uri, config.tracking.experiment, sweep, name, sweep_dir)
+                os.environ[SWEEP_PARENT_ENV] = parent
+                atexit.register(_end_parent_if_left, config.tracking.uri, parent)
         except RunnerError as err:
             sys.exit(report_error(err))
 
@@ -167,10 +191,14 @@ class SweepCallback(Callback):
         """
         path = Path(config.hydra.sweep.dir) / FAILED_JOBS_FILE
         failed = [line for line in path.read_text(encoding="utf-8").splitlines() if line] if path.exists() else []
-        parent = os.environ.get(SWEEP_PARENT_ENV)
+        parent = os.environ.pop(SWEEP_PARENT_ENV, None)
         if parent:
-            close_parent_run(
-                config.tracking.uri, parent, os.environ[SWEEP_ID_ENV], Path(config.hydra.sweep.dir), failed
-            )
+            try:
+                close_parent_run(
+                    config.tracking.uri, parent, os.environ[SWEEP_ID_ENV], Path(config.hydra.sweep.dir), failed
+                )
+            except Exception as err:  # noqa: BLE001 - the failed jobs' exit status below matters more
+                reason = str(err).strip()[:300]
+                print(f"[runner] the sweep's MLflow run {parent} was not ended: {reason}", file=sys.stderr)
         if failed:
             sys.exit(report_error(RunnerError(f"{len(failed)} job(s) failed: {'; '.join(failed)}")))

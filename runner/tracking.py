@@ -369,32 +369,30 @@ class Tracker:
         torch.export cannot trace is pickled instead, which loads only where its code can be imported. The pip
         requirements are given, so MLflow does not spend seconds inferring them in a subprocess.
         """
-        import mlflow
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
-        # mlflow.pytorch.log_model reads the process's URI and experiment, not a client's: without them the model
-        # lands in experiment 0 ("Default"), whose artifacts go to ./mlruns wherever the command was started
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
         with torch.no_grad():
             output = model(example)
-        settings = {
-            "name": "model",
-            "signature": infer_signature(example.numpy(), output.numpy()),
-            "input_example": example.numpy(),
-            "pip_requirements": mlflow.pytorch.get_default_pip_requirements(),
-            "registered_model_name": registered_model_name,
-            "run_id": self.run_id,
-        }
         try:
-            info = mlflow.pytorch.log_model(model, serialization_format="pt2", **settings)
+            torch.export.export(model, (example,))  # what MLflow's pt2 format does: tried here, so only its
+            serialization = "pt2"  # failure, not a store's, means pickling
         except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             log.warning(f"torch.export cannot trace the model ({reason}); logging it pickled instead")
-            with warnings_hidden("mlflow.pytorch"):  # its warning on pickles: said above, in our words
-                info = mlflow.pytorch.log_model(model, serialization_format="pickle", **settings)
+            serialization = "pickle"
+        with fluent_target(self.uri, self.experiment_id), warnings_hidden("mlflow.pytorch"):  # said above, if so
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format=serialization,
+                signature=infer_signature(example.numpy(), output.numpy()),
+                input_example=example.numpy(),
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                registered_model_name=registered_model_name,
+                run_id=self.run_id,
+            )
         return info.model_uri
 
     def prepare_model_logging(self) -> None:
@@ -405,14 +403,16 @@ class Tracker:
         tiny model the same way, into a temporary folder, does the first three."""
         import tempfile
 
-        import mlflow.pytorch
-        import numpy as np
-        import torch
-        from mlflow.tracking.context.registry import resolve_tags
+        try:
+            import mlflow.pytorch
+            import numpy as np
+            import torch
+            from mlflow.tracking.context.registry import resolve_tags
 
-        resolve_tags()
-
-        with tempfile.TemporaryDirectory() as folder, contextlib.suppress(Exception):  # log_model says what fails
+            resolve_tags()
+        except Exception:  # noqa: BLE001 - a warm-up only: logging the model says what fails, if anything does
+            return
+        with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as folder:
             mlflow.pytorch.save_model(
                 torch.nn.Linear(1, 1),
                 f"{folder}/model",
@@ -438,9 +438,12 @@ class Tracker:
             return
         monitor.finish()
         if getattr(monitor, "_logging_step", None) == self.system_metrics_from:  # its thread logged nothing
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as err:  # noqa: BLE001 - one sample is not worth failing the run's end
+                log.warning(f"no system metrics sample at the run's end ({str(err).strip()[:200]})")
 
     def runs_table_url(self) -> str | None:
         """The address of the experiment's runs table for a tracking server. MLflow 3's UI opens an experiment on
@@ -458,6 +461,34 @@ class Tracker:
 def runs_table_url(server: str, experiment_id: str) -> str:
     """Where MLflow's UI at ``server`` shows experiment ``experiment_id``'s runs table."""
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+@contextmanager
+def fluent_target(uri: str, experiment_id: str | None):
+    """MLflow's process-wide tracking URI and experiment, which ``mlflow.pytorch.log_model`` reads (a client's
+    are not enough: without them a model lands in experiment 0, "Default", with its artifacts in ./mlruns wherever
+    the command was started), set for the block and put back after, with the MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID they write into the environment that later processes inherit."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+    environment = {name: os.environ.get(name) for name in names}
+    uri_before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    experiment_before = getattr(fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+    if experiment_id is not None:
+        mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri_before)
+        fluent._active_experiment_id = experiment_before
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

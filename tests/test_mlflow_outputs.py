@@ -4,6 +4,7 @@ real SQLite store, read back through ``MlflowClient``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ from conftest import TINY, run_runner
 from mlflow import MlflowClient
 
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
+from runner.tracking import Tracker, fluent_target
 
 
 def store_in(tmp_path: Path) -> str:
@@ -34,12 +36,10 @@ def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None)
 
 
 def logged_models(uri: str, run) -> list:
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}'",
-        output_format="list",
+    found = MlflowClient(uri).search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
     )
+    return list(found)
 
 
 @pytest.mark.slow
@@ -69,14 +69,15 @@ def test_a_finished_run_holds_its_files_and_its_best_model_which_loads_back_and_
     (model,) = logged_models(uri, run)
     assert model.artifact_location.startswith((tmp_path / "store" / "mlruns").as_uri())  # beside the database
     assert not (work / "mlruns").exists(), "nothing lands in the folder the command ran from"
-    loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+    with fluent_target(uri, None):  # load_model reads MLflow's process-wide URI; put back after
+        loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+        signature = mlflow.models.get_model_info(f"models:/{model.model_id}").signature
     best = torch.load(work / "run" / "checkpoints" / "best.pt", weights_only=True)
     weights = loaded.state_dict()
     assert best["model"].keys() == weights.keys()
     assert all(torch.equal(weights[key], value) for key, value in best["model"].items())  # best.pt's, not the last
     images = torch.rand(5, 1, 8, 8)
     assert loaded(images).shape == (5, 10)  # any batch size, though the input example had two
-    signature = mlflow.models.get_model_info(f"models:/{model.model_id}").signature
     assert signature.inputs.inputs[0].shape == (-1, 1, 8, 8) and signature.outputs.inputs[0].shape == (-1, 10)
 
     version = client.get_model_version("digits-mlp", "1")
@@ -151,3 +152,33 @@ def test_system_metrics_are_mlflows_own_and_only_when_asked(tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert not [key for key in runs[0].data.metrics if key.startswith("system/")]
+
+
+def test_logging_a_model_leaves_mlflows_process_wide_uri_and_experiment_as_they_were(tmp_path, monkeypatch):
+    """mlflow.pytorch.log_model needs MLflow's global URI and experiment, which also go into os.environ for every
+    later subprocess; the runner sets them for the call only."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    before = mlflow.get_tracking_uri()
+    tracker = Tracker(store_in(tmp_path), "models").open("a run")
+    uri = tracker.log_model(torch.nn.Linear(3, 2).eval(), torch.rand(2, 3))
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+    (model,) = logged_models(tracker.uri, MlflowClient(tracker.uri).get_run(tracker.run_id))
+    assert uri == f"models:/{model.model_id}" and model.experiment_id == tracker.experiment_id  # not "Default"
+
+
+def test_a_sweeps_parent_run_deleted_in_the_ui_is_restored_when_the_sweep_runs_again(tmp_path):
+    from runner.sweep import open_parent_run
+
+    uri = store_in(tmp_path)
+    first = open_parent_run(uri, "sweeps", "abc123", "sweep scheduler=a,b", str(tmp_path))
+    client = MlflowClient(uri)
+    client.set_terminated(first, "KILLED")
+    client.delete_run(first)
+    again = open_parent_run(uri, "sweeps", "abc123", "sweep scheduler=a,b", str(tmp_path))
+    assert again == first
+    run = client.get_run(first)
+    assert run.info.lifecycle_stage == "active" and run.info.status == "RUNNING"
+    other = open_parent_run(uri, "sweeps", "def456", "sweep scheduler=c,d", str(tmp_path))
+    assert other != first and client.get_run(other).info.run_name == "sweep scheduler=c,d"

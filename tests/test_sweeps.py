@@ -93,6 +93,8 @@ def test_interrupted_sweep_resumes_unfinished_jobs_and_skips_finished_ones(tmp_p
     assert json.loads((dirs[0] / "runner.json").read_text())["finished"] is True
     assert json.loads((dirs[1] / "runner.json").read_text())["finished"] is False
     assert 2 not in dirs
+    _, (stopped_parent,) = sweep_parents(uri, "sweep")
+    assert stopped_parent.info.status == "KILLED"  # as its stopped job's run, not left RUNNING
 
     again = run_runner(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr

@@ -7,6 +7,7 @@ record and MLflow, and every rank takes part in the collectives (the stop agreem
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -252,8 +253,6 @@ class TrainingSession:
             log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
 
         self.persister.submit(open_tracking)
-        if self.tracking.log_model and not self.trainer.compile:  # not beside torch.compile: torch.export patches
-            self.persister.submit(self.tracker.prepare_model_logging)  # process-wide settings while it traces
 
     def _tags(self, context: RunContext, launch: Launch) -> dict[str, str]:
         """Tags may change between launches (device, number of processes, tracking settings); params may not."""
@@ -486,9 +485,9 @@ class TrainingSession:
         log.info(f"MLflow model {uri}: {weights} weights" + (f", registered as {name!r}" if name else ""))
 
     def _model_to_log(self) -> tuple[torch.nn.Module, str]:
-        """The model on the CPU in float32 and eval mode, with best.pt's weights if there is one; and which weights.
-        Training is over: the trained model itself is moved (no copy of a large model on the GPU)."""
-        model = self.model.to("cpu").float().eval()
+        """A copy of the model on the CPU in float32 and eval mode, with best.pt's weights if there is one; and which
+        weights. A copy: the trained model itself is left as training left it."""
+        model = copy.deepcopy(self.model).to("cpu").float().eval()
         path = best_file(self.record.run_dir)
         if not path.is_file():
             return model, "the last epoch's"

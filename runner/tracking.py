@@ -6,7 +6,6 @@ re-attached by id when a job resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -394,32 +393,6 @@ class Tracker:
                 run_id=self.run_id,
             )
         return info.model_uri
-
-    def prepare_model_logging(self) -> None:
-        """Do now, while training runs, the seconds of first-time work that logging the model at the end would
-        otherwise make the run's end wait for: importing MLflow's PyTorch flavor, torch.export's first export (its
-        tracing machinery warms up once per process), MLflow's map of installed packages (read once, to check the
-        pip requirements), and its context tags (which import IPython to ask whether this is a notebook). Saving a
-        tiny model the same way, into a temporary folder, does the first three."""
-        import tempfile
-
-        try:
-            import mlflow.pytorch
-            import numpy as np
-            import torch
-            from mlflow.tracking.context.registry import resolve_tags
-
-            resolve_tags()
-        except Exception:  # noqa: BLE001 - a warm-up only: logging the model says what fails, if anything does
-            return
-        with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as folder:
-            mlflow.pytorch.save_model(
-                torch.nn.Linear(1, 1),
-                f"{folder}/model",
-                serialization_format="pt2",
-                input_example=np.zeros((1, 1), dtype=np.float32),
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            )
 
     def start_system_metrics(self) -> None:
         """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its

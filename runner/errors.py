@@ -145,6 +145,13 @@ def is_config_error(err: BaseException) -> bool:
     return isinstance(err, HydraException | OmegaConfBaseException)
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's first line, cut at ``limit`` characters, or its type's name when it says nothing: how a
+    failure the runner works around is named in its one-line warning or error."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def report_error(err: BaseException, logger: logging.Logger | None = None) -> int:
     """Say ``err`` in one line (through ``logger``, else on stderr) and return the exit code to leave with.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.checkpoint import list_checkpoints, write_atomically
-from runner.errors import ConfigError, RunInUse
+from runner.errors import ConfigError, RunInUse, first_line
 from runner.locks import hold
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class RunRecord:
             data = json.loads(path.read_text())
             return cls(run_dir=run_dir, **_checked_fields(data))
         except (OSError, ValueError, TypeError) as err:
-            why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            why = first_line(err)
             log.warning(f"run record {path} cannot be read ({why}); skipping that run directory")
             return None
 

@@ -25,7 +25,7 @@ from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, not_written, save
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
-from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind
+from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind, first_line
 from runner.launch import Launch, RunContext, RunSettings
 from runner.metrics import monitor_direction
 from runner.persist import Persister
@@ -478,7 +478,7 @@ class TrainingSession:
             example = example.float() if example.is_floating_point() else example  # token ids stay integers
             uri = self.tracker.log_model(model, example, self.tracking.registered_model_name)
         except Exception as err:  # noqa: BLE001 - said in one line; the run's metrics are all logged
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             log.warning(f"the model was not logged to MLflow ({reason}); the checkpoints hold it")
             return
         name = self.tracking.registered_model_name
@@ -548,7 +548,7 @@ class TrainingSession:
         if err is None:
             return
         missing = len(self.history.epochs) - len(self.tracker.logged.get("lr", ()))
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         uri = self.tracker.uri
         if str(uri).startswith(("http://", "https://")):
             what, fix = f"MLflow at {uri} stopped answering", "with the tracking server up"

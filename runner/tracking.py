@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class Tracker:
             torch.export.export(model, (example,))  # what MLflow's pt2 format does: tried here, so only its
             serialization = "pt2"  # failure, not a store's, means pickling
         except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             log.warning(f"torch.export cannot trace the model ({reason}); logging it pickled instead")
             serialization = "pickle"
         with fluent_target(self.uri, self.experiment_id), warnings_hidden("mlflow.pytorch"):  # said above, if so

@@ -33,6 +33,9 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from runner.tracking_process import prestart
+
+    prestart()  # MLflow's process imports MLflow on another core while this one imports torch
     from runner.run import RunContext, run
 
     hydra_cfg = HydraConfig.get()

@@ -76,4 +76,7 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     sharing = ranks.describe(cfg.trainer.batch_size, cfg.trainer.accumulate_grad_batches)
     log.info(f"training on {ranks.device} in {record.run_dir}{sharing}")
     session.start_tracking(context, launch, resolved_config)
-    return session.run()
+    try:
+        return session.run()
+    finally:
+        session.tracker.close()  # MLflow's process (rank 0): every call answered, it leaves

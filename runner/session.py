@@ -33,6 +33,7 @@ from runner.resume import RunRecord, split_settings
 from runner.signals import StopFlag
 from runner.state import History, RankStreams, TrainingState
 from runner.tracking import Tracker, current_user, flatten, git_commit, mlflow_params, runs_table_url
+from runner.tracking_process import TrackerProcess, prestarted
 from runner.train import EpochResult, Loop, Progress, check_finite, current_lrs, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,10 @@ class TrainingSession:
         self.stopped_by: str | None = None  # the callback that ended training early
         self.finished_early = False  # resumed from the final checkpoint of a run a callback ended
         self.tracking = cfg.tracking
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
+        # rank 0 logs, from MLflow's own process if one was started for it (runner.tracking_process); the other
+        # ranks never open theirs
+        tracker = TrackerProcess if ranks.is_main and prestarted() else Tracker
+        self.tracker = tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.wait_s)
         self.tracking_wait_s = cfg.tracking.wait_s
         self.persister = Persister()
         # (epoch, metrics, lr_steps, when the epoch ended in ms): MLflow gets each epoch's own time
@@ -251,6 +255,8 @@ class TrainingSession:
             tracker.log_epochs(list(enumerate(logged_before.epochs)))
             tracker.log_series("lr_step", logged_before.lr_steps)
             log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
+            if self.tracking.log_model:
+                tracker.prepare_model_logging()
 
         self.persister.submit(open_tracking)
 
@@ -547,7 +553,7 @@ class TrainingSession:
         unfinished, so the same command resumes from the last checkpoint, trains nothing more and logs them."""
         if err is None:
             return
-        missing = len(self.history.epochs) - len(self.tracker.logged.get("lr", ()))
+        missing = len(self.history.epochs) - self.tracker.logged_epochs
         reason = first_line(err)
         uri = self.tracker.uri
         if str(uri).startswith(("http://", "https://")):

@@ -1,0 +1,248 @@
+"""MLflow in a process of its own: a Tracker (runner.tracking) run in a child process, called from the launch.
+
+Importing MLflow and opening its store cost seconds of CPU (about 4 s on a 2-core machine). On a thread of the
+training process they hold the GIL against training's own start-up (importing torch) and each epoch's Python
+work, so a short run ended ~3 s later than the same script written by hand. In a child process they run on
+another core: the child is started before the launch imports torch (``prestart``, from ``runner.__main__``), and
+by the time the first epoch is checkpointed MLflow is ready there.
+
+``TrackerProcess`` offers the Tracker's methods; each call is sent to the child and waited for, in order, from the
+persist thread (runner.persist), so everything the launch relies on holds as before: an epoch is logged once its
+checkpoint is written, a failure (a lost server) is raised on the persist thread, the run is FINISHED or KILLED
+before the launch ends. The child ignores stop signals (the launch decides what a stop does and tells it) and
+leaves when the launch closes it or dies (its end of the socket closes): calls are answered before the launch
+goes on, so a child leaving loses nothing the launch believed logged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LAUNCH_PID_ENV = "RUNNER_LAUNCH_PID"  # the launch's pid, for the tests' fault injection in the child
+_STATE = ("uri", "experiment", "experiment_id", "run_id", "resumed", "logged_epochs")
+_prestarted: _Child | None = None  # started by runner.__main__ before torch is imported; taken by a TrackerProcess
+
+
+class TrackingProcessLost(RuntimeError):
+    """The MLflow process ended without answering (killed, or out of memory)."""
+
+
+class TrackingFailed(RuntimeError):
+    """An error raised in the MLflow process, by a library the launch does not import: its message, as it was."""
+
+
+class _Child:
+    """The child process and the launch's end of the socket to it."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        command = [sys.executable, "-m", "runner.tracking_process", str(theirs.fileno())]
+        env = os.environ | {LAUNCH_PID_ENV: str(os.getpid())}
+        # stdout: the launch's stderr, as its logging; stdout is kept for what the user asked for
+        self.process = subprocess.Popen(
+            command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=2, env=env
+        )
+        theirs.close()
+        self.connection = Connection(ours.detach())
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the child to leave, and wait for it (killed after ``timeout`` seconds)."""
+        try:
+            self.connection.send(("__close__", (), {}, None))
+            self.connection.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.connection.close()
+        self.process.kill()
+        self.process.wait()
+
+
+def prestart() -> None:
+    """Start the MLflow process now, so that it imports MLflow while this process imports torch. Only where this
+    process may be the one that logs: rank 0 under torchrun or a SLURM job's first task. Left unused (the launch
+    found the run finished, or refused its config), it is killed at exit."""
+    global _prestarted
+    if _prestarted is not None or os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    _prestarted = _Child()
+    atexit.register(_kill_unused)
+
+
+def _kill_unused() -> None:
+    global _prestarted
+    if _prestarted is not None:
+        child, _prestarted = _prestarted, None
+        child.kill()
+
+
+def prestarted() -> bool:
+    """Whether ``prestart`` left a process for this launch: only where the runner owns the process (``python -m
+    runner``, a sweep's job). Called from Python (``runner.run``), MLflow is used in the caller's process, where it
+    may be imported already and a process of its own would start cold for each run."""
+    return _prestarted is not None
+
+
+def _take_prestarted() -> _Child:
+    global _prestarted
+    child, _prestarted = _prestarted, None
+    return child if child is not None and child.process.poll() is None else _Child()
+
+
+class TrackerProcess:
+    """runner.tracking.Tracker's methods, run in the MLflow process; its state (run id, experiment) mirrored here
+    after each call."""
+
+    def __init__(self, uri: str | None, experiment: str, wait_s: float = 30.0):
+        self.uri, self.experiment = uri, experiment
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.resumed = False
+        self.logged_epochs = 0
+        self._child = _take_prestarted()
+        self._setup: tuple | None = (uri, experiment, wait_s)  # sent with the first call: the child may be importing
+
+    @property
+    def opened(self) -> bool:
+        return self.run_id is not None
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._child is None:
+            raise TrackingProcessLost(f"the MLflow process was closed before {name}")
+        connection = self._child.connection
+        try:
+            connection.send((name, args, kwargs, self._setup))
+            self._setup = None
+            while True:
+                kind, *content = connection.recv()
+                if kind == "log":
+                    level, logger, message = content
+                    logging.getLogger(logger).log(level, message)
+                    continue
+                if kind == "error":
+                    raise content[0]
+                result, state = content
+                for key, value in state.items():
+                    setattr(self, key, value)
+                return result
+        except (EOFError, OSError) as err:
+            code = self._child.process.poll()
+            how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "no answer"
+            raise TrackingProcessLost(f"the MLflow process ended ({how}) during {name}") from err
+
+    def open(self, run_name: str, run_id: str | None = None, **options: Any) -> TrackerProcess:
+        self._call("open", run_name, run_id, **options)
+        return self
+
+    def log_model(self, model, example, registered_model_name: str | None = None) -> str:
+        # Plain pickle, not the socket's own (multiprocessing's pickler, which torch makes send tensors through
+        # shared memory): the child loads the model and its example from these bytes, importing torch for them.
+        # Our own process's bytes, so not a checkpoint's weights_only concern.
+        return self._call("log_model", pickle.dumps((model, example)), registered_model_name)
+
+    def close(self) -> None:
+        """Let the MLflow process leave; every call has been answered, so nothing is lost."""
+        if self._child is not None:
+            child, self._child = self._child, None
+            child.close()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+
+# The child's side.
+
+
+class _Forward(logging.Handler):
+    """The child's log lines, sent to the launch, which writes them where its own go (console, runner.log)."""
+
+    def __init__(self, connection: Connection, lock) -> None:
+        super().__init__()
+        self.connection, self.sending = connection, lock  # not self.lock: logging.Handler's own
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with self.sending:
+                self.connection.send(("log", record.levelno, record.name, record.getMessage()))
+        except OSError:
+            pass
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` as the launch can raise it without importing MLflow: the runner's own and Python's errors as they
+    are, any other (MLflow's, requests') as TrackingFailed with the same message."""
+    module = type(err).__module__
+    if module == "builtins" or module.startswith("runner."):
+        try:
+            pickle.loads(pickle.dumps(err))
+            return err
+        except Exception:  # noqa: BLE001 - an exception that does not survive pickling: its message does
+            pass
+    return TrackingFailed(str(err).strip() or type(err).__name__)
+
+
+def serve(connection: Connection) -> None:
+    import threading
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):  # the launch decides what a stop does
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    lock = threading.Lock()  # MLflow's system-metrics thread may log while a reply is sent
+    runner_log = logging.getLogger("runner")
+    runner_log.addHandler(_Forward(connection, lock))
+    runner_log.setLevel(logging.INFO)
+    runner_log.propagate = False
+
+    import mlflow  # noqa: F401 - the point of this process: paid here while the launch imports torch
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the default store's, most of opening it
+
+    from runner.tracking import Tracker
+
+    tracker: Tracker | None = None
+    while True:
+        try:
+            name, args, kwargs, setup = connection.recv()
+        except (EOFError, OSError):
+            return  # the launch ended
+        if name == "__close__":
+            return
+        try:
+            if setup is not None:
+                tracker = Tracker(*setup)
+            if name == "log_model":
+                model, example = pickle.loads(args[0])
+                result = tracker.log_model(model, example, *args[1:])
+            else:
+                result = getattr(tracker, name)(*args, **kwargs)
+                result = None if result is tracker else result
+            reply = ("ok", result, {key: getattr(tracker, key) for key in _STATE})
+        except BaseException as err:  # noqa: BLE001 - raised in the launch
+            reply = ("error", _portable(err))
+        try:
+            with lock:
+                connection.send(reply)
+        except OSError:
+            return
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))
+    os._exit(0)  # every call is answered; MLflow's leftover threads (telemetry) need not be waited for

@@ -1,7 +1,9 @@
 """What a run costs as a user lives it: whole processes, the runner's default job (checkpoints and MLflow on)
 against bench/plain_script.py, the same model, data, optimizer, schedule and seed written by hand.
 
-    python bench/whole_process.py [--repeats 3] [--short 5] [--long 205] [--sweep]
+    python bench/whole_process.py [--repeats 3] [--short 5] [--long 205] [--sweep] [OVERRIDE ...]
+
+OVERRIDEs go to the runner's command (``tracking.log_model=false``: the cost without the model logged at the end).
 
 Each figure is the median over repeats; runner and plain script alternate (ABBA) so machine noise falls on both.
 One thread each (OMP_NUM_THREADS=1), a warm MLflow store (created by an untimed first run, as a user's second run
@@ -37,8 +39,11 @@ def wall(command: list[str], cwd: Path) -> float:
     return elapsed
 
 
+OVERRIDES: list[str] = []  # from the command line
+
+
 def runner(epochs: int) -> list[str]:
-    return [sys.executable, "-m", "runner", f"trainer.epochs={epochs}", "resume=never"]
+    return [sys.executable, "-m", "runner", f"trainer.epochs={epochs}", "resume=never", *OVERRIDES]
 
 
 def plain(epochs: int) -> list[str]:
@@ -66,6 +71,7 @@ def sweep_cost(cwd: Path, epochs: int) -> tuple[float, float]:
         f"trainer.epochs={epochs}",
         "resume=never",
         "trainer.seed=0,1,2,3",
+        *OVERRIDES,
     ]
     swept = wall(sweep, cwd)
     plain_total = sum(wall(plain(epochs), cwd) for _ in range(4))
@@ -78,7 +84,10 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=5)
     parser.add_argument("--long", type=int, default=205)
     parser.add_argument("--sweep", action="store_true", help="also time a 4-job joblib sweep")
+    parser.add_argument("overrides", nargs="*", help="for the runner's command, e.g. tracking.log_model=false")
     args = parser.parse_args()
+    OVERRIDES.extend(args.overrides)
+    print(f"runner: python -m runner {' '.join(runner(args.short)[3:])}")
     with tempfile.TemporaryDirectory() as folder:
         cwd = Path(folder)
         wall(runner(1), cwd)  # creates the MLflow store, as a user's first run does

@@ -35,11 +35,12 @@ register_schemas()
 def main(cfg: DictConfig) -> float | None:
     from runner.tracking_process import prestart
 
-    prestart()  # MLflow's process imports MLflow on another core while this one imports torch
-    from runner.run import RunContext, run
-
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun:  # a sweep's process runs job after job: MLflow, imported once there, serves them all
+        prestart()  # MLflow's own process imports MLflow on another core while this one imports torch
+    from runner.run import RunContext, run
+
     context = RunContext(
         Path(hydra_cfg.runtime.output_dir),
         list(hydra_cfg.overrides.task),

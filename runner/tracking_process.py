@@ -76,11 +76,15 @@ class _Child:
 
 
 def prestart() -> None:
-    """Start the MLflow process now, so that it imports MLflow while this process imports torch. Only where this
-    process may be the one that logs: rank 0 under torchrun or a SLURM job's first task. Left unused (the launch
-    found the run finished, or refused its config), it is killed at exit."""
+    """Start the MLflow process now, so that it imports MLflow while this process imports torch. Left unused (the
+    launch found the run finished, or refused its config), it is killed at exit.
+
+    Not for one of several processes of a DDP run (torchrun's, or a SLURM job's tasks): their ranks already share
+    the machine's cores, and rank 0 must be as quick as the others to say a config error in one line before
+    torchrun stops it for the others' exit. There MLflow stays on rank 0's persist thread."""
     global _prestarted
-    if _prestarted is not None or os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
+    processes = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "SLURM_NTASKS"))
+    if _prestarted is not None or processes > 1:
         return
     _prestarted = _Child()
     atexit.register(_kill_unused)

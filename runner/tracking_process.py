@@ -147,7 +147,10 @@ class TrackerProcess:
                     setattr(self, key, value)
                 return result
         except (EOFError, OSError) as err:
-            code = self._child.process.poll()
+            try:
+                code = self._child.process.wait(timeout=2)  # its end closed the socket: its exit code follows
+            except subprocess.TimeoutExpired:
+                code = None
             how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "no answer"
             raise TrackingProcessLost(f"the MLflow process ended ({how}) during {name}") from err
 

@@ -126,14 +126,15 @@ def test_an_mlflow_process_that_dies_ends_the_launch_in_one_line_and_the_same_co
     args += ["tracking.log_model=false", "hydra.run.dir=run"]
     with start(tmp_path, *args) as process:
         for line in process.stderr:
-            if "epoch 3/40" in line:
+            if "MLflow run " in line:  # open, and logging the epochs as their checkpoints are written
                 (child,) = tracking_processes_of(process.pid)
                 os.kill(child, signal.SIGKILL)
                 break
         rest = process.stderr.read()
         assert process.wait(timeout=120) == EXIT_STOPPED, rest
-    errors = [line for line in rest.splitlines() if "ERROR" in line or "Traceback" in line]
-    assert len(errors) == 1 and "the MLflow process ended (signal 9)" in errors[0], rest[-2000:]
+    assert "Traceback" not in rest
+    (said,) = [line for line in rest.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert "the MLflow process ended (signal 9) during log_epochs" in said and "Run the same command again" in said
     again = run_runner(*args, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "trained; logging what MLflow lacks" in again.stderr

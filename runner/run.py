@@ -17,7 +17,7 @@ from runner.config import check_settings
 from runner.device import seed_everything
 from runner.distributed import Distributed, adopt_submitit_tasks, start_distributed
 from runner.errors import RunnerError, Stopped
-from runner.launch import RunContext, RunSettings, continued_config, decide_launch, refuse_sweep_under_torchrun
+from runner.launch import Launch, RunContext, RunSettings, continued_config, decide_launch, refuse_sweep_under_torchrun
 from runner.resume import adopt_run_dir
 from runner.session import TrainingSession
 
@@ -66,6 +66,16 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
             cfg.trainer.seed + ranks.rank
         )  # the model is built alike everywhere; dropout differs per rank
     session = TrainingSession(cfg, built, record, settings, ranks)
+    try:
+        return _start_and_train(session, cfg, context, launch, ranks)
+    finally:
+        session.tracker.close()  # MLflow's own process, if any: every call was answered, it leaves
+
+
+def _start_and_train(
+    session: TrainingSession, cfg: DictConfig, context: RunContext, launch: Launch, ranks: Distributed
+) -> float | None:
+    record, settings = launch.record, session.settings
     if launch.checkpoint is not None:
         session.resume(launch)
 
@@ -76,7 +86,4 @@ def train_run(cfg: DictConfig, context: RunContext, ranks: Distributed) -> float
     sharing = ranks.describe(cfg.trainer.batch_size, cfg.trainer.accumulate_grad_batches)
     log.info(f"training on {ranks.device} in {record.run_dir}{sharing}")
     session.start_tracking(context, launch, resolved_config)
-    try:
-        return session.run()
-    finally:
-        session.tracker.close()  # MLflow's process (rank 0): every call answered, it leaves
+    return session.run()

@@ -25,6 +25,7 @@ PARENT_TAG = "runner.sweep_parent"  # on a sweep's own run (runner.sweep): its s
 # Fault injection for the tests: "1" sends SIGKILL to this process right after it created its MLflow run, before
 # runner.json records the run's id (as a kill at that instant would).
 FAULT_AFTER_RUN_CREATED_ENV = "RUNNER_FAULT_AFTER_MLFLOW_RUN"
+LAUNCH_PID_ENV = "RUNNER_LAUNCH_PID"  # set in MLflow's own process (runner.tracking_process): the launch's pid
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "", limit: int | None = MAX_PARAM_LENGTH) -> dict[str, str]:
@@ -289,7 +290,7 @@ class Tracker:
                     experiment_id, run_name=run_name, tags=tags, start_time=start_time
                 ).info.run_id
                 if os.environ.get(FAULT_AFTER_RUN_CREATED_ENV) == "1":  # the launch, when this is its MLflow process
-                    os.kill(int(os.environ.get("RUNNER_LAUNCH_PID", os.getpid())), signal.SIGKILL)
+                    os.kill(int(os.environ.get(LAUNCH_PID_ENV, os.getpid())), signal.SIGKILL)
         return self
 
     def _orphan_of(self, experiment_id: str, run_dir: str) -> str | None:
@@ -406,14 +407,17 @@ class Tracker:
         """Pay log_model's first-time costs now, while training runs (in MLflow's own process, where they cannot
         slow or perturb training): importing torch.export and mlflow.pytorch, MLflow's map of installed packages
         (its requirement check) and its notebook probe (its context tags). The run's end then waits ~1 s, not ~4."""
-        import mlflow.pytorch  # noqa: F401
-        import torch
-        from mlflow.models import infer_signature  # noqa: F401
-        from mlflow.utils import databricks_utils, requirements_utils
+        try:
+            import mlflow.pytorch  # noqa: F401
+            import torch
+            from mlflow.models import infer_signature  # noqa: F401
+            from mlflow.utils import databricks_utils, requirements_utils
 
-        torch.export.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),))  # imports what tracing needs (dynamo)
-        databricks_utils.is_running_in_ipython_environment()
-        getattr(requirements_utils, "_init_packages_to_modules_map", lambda: None)()  # private: absent is fine
+            torch.export.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),))  # imports what tracing needs (dynamo)
+            databricks_utils.is_running_in_ipython_environment()
+            requirements_utils._init_packages_to_modules_map()  # private: if it moves, log_model pays it itself
+        except Exception as err:  # noqa: BLE001 - a warm-up: log_model says what fails, if anything does
+            log.debug(f"log_model's warm-up failed: {err}")
 
     def start_system_metrics(self) -> None:
         """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its

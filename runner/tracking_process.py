@@ -27,9 +27,10 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
+from runner.tracking import LAUNCH_PID_ENV
+
 log = logging.getLogger(__name__)
 
-LAUNCH_PID_ENV = "RUNNER_LAUNCH_PID"  # the launch's pid, for the tests' fault injection in the child
 _STATE = ("uri", "experiment", "experiment_id", "run_id", "resumed", "logged_epochs")
 _prestarted: _Child | None = None  # started by runner.__main__ before torch is imported; taken by a TrackerProcess
 
@@ -51,8 +52,8 @@ class _Child:
         env = os.environ | {LAUNCH_PID_ENV: str(os.getpid())}
         # stdout: the launch's stderr, as its logging; stdout is kept for what the user asked for
         self.process = subprocess.Popen(
-            command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=2, env=env
-        )
+            command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=2, env=env, start_new_session=True
+        )  # a session of its own: a Ctrl-C in the terminal reaches only the launch, which decides what it does
         theirs.close()
         self.connection = Connection(ours.detach())
 
@@ -83,10 +84,14 @@ def prestart() -> None:
     the machine's cores, and rank 0 must be as quick as the others to say a config error in one line before
     torchrun stops it for the others' exit. There MLflow stays on rank 0's persist thread."""
     global _prestarted
-    processes = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "SLURM_NTASKS"))
-    if _prestarted is not None or processes > 1:
+    processes = [os.environ.get(name, "1") for name in ("WORLD_SIZE", "SLURM_NTASKS")]
+    if _prestarted is not None or any(count != "1" for count in processes):
         return
-    _prestarted = _Child()
+    try:
+        _prestarted = _Child()
+    except OSError as err:  # no process to be had (limits, no fd 2): MLflow stays on the persist thread
+        log.debug(f"MLflow stays in this process: {err}")
+        return
     atexit.register(_kill_unused)
 
 
@@ -98,9 +103,9 @@ def _kill_unused() -> None:
 
 
 def prestarted() -> bool:
-    """Whether ``prestart`` left a process for this launch: only where the runner owns the process (``python -m
-    runner``, a sweep's job). Called from Python (``runner.run``), MLflow is used in the caller's process, where it
-    may be imported already and a process of its own would start cold for each run."""
+    """Whether ``prestart`` left a process for this launch: only a single run where the runner owns the process
+    (``python -m runner``, not a sweep's job, not a DDP rank). Called from Python (``runner.run``), MLflow is used
+    in the caller's process, where it may be imported already and a process of its own would start cold each run."""
     return _prestarted is not None
 
 
@@ -108,6 +113,14 @@ def _take_prestarted() -> _Child:
     global _prestarted
     child, _prestarted = _prestarted, None
     return child if child is not None and child.process.poll() is None else _Child()
+
+
+def _how_it_ended(child: _Child) -> str:
+    try:
+        code = child.process.wait(timeout=2)  # its end of the socket closed: its exit code follows
+    except subprocess.TimeoutExpired:
+        return "no answer"
+    return f"exit code {code}" if code >= 0 else f"signal {-code}"
 
 
 class TrackerProcess:
@@ -121,38 +134,44 @@ class TrackerProcess:
         self.resumed = False
         self.logged_epochs = 0
         self._child = _take_prestarted()
-        self._setup: tuple | None = (uri, experiment, wait_s)  # sent with the first call: the child may be importing
+        # sent with the first call (the child may still be importing MLflow), with where this process imports
+        # from: the child unpickles the model, whose class may live in the user's own module
+        self._setup: tuple | None = (uri, experiment, wait_s, [os.path.abspath(path) for path in sys.path])
 
     @property
     def opened(self) -> bool:
         return self.run_id is not None
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        if self._child is None:
+        child = self._child
+        if child is None:
             raise TrackingProcessLost(f"the MLflow process was closed before {name}")
-        connection = self._child.connection
         try:
-            connection.send((name, args, kwargs, self._setup))
-            self._setup = None
-            while True:
-                kind, *content = connection.recv()
-                if kind == "log":
-                    level, logger, message = content
-                    logging.getLogger(logger).log(level, message)
-                    continue
-                if kind == "error":
-                    raise content[0]
-                result, state = content
-                for key, value in state.items():
-                    setattr(self, key, value)
-                return result
+            kind, content, state = self._exchange(child, (name, args, kwargs, self._setup))
         except (EOFError, OSError) as err:
-            try:
-                code = self._child.process.wait(timeout=2)  # its end closed the socket: its exit code follows
-            except subprocess.TimeoutExpired:
-                code = None
-            how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "no answer"
-            raise TrackingProcessLost(f"the MLflow process ended ({how}) during {name}") from err
+            raise TrackingProcessLost(f"the MLflow process ended ({_how_it_ended(child)}) during {name}") from err
+        except BaseException:  # a second Ctrl-C between the call and its answer: the next answer would be this one's
+            self._child = None
+            child.kill()
+            raise
+        self._setup = None
+        for key, value in (state or {}).items():  # also after an error: open may have found the store's URI
+            setattr(self, key, value)
+        if kind == "error":
+            raise content  # the child's own error, an OSError included (a full disk): not a lost process
+        return content
+
+    @staticmethod
+    def _exchange(child: _Child, message: tuple) -> tuple[str, Any, dict | None]:
+        """Send one call and read until its answer, writing the child's log lines on the way."""
+        child.connection.send(message)
+        while True:
+            kind, *content = child.connection.recv()
+            if kind == "log":
+                level, logger, text = content
+                logging.getLogger(logger).log(level, text)
+                continue
+            return kind, content[0], content[1]
 
     def open(self, run_name: str, run_id: str | None = None, **options: Any) -> TrackerProcess:
         self._call("open", run_name, run_id, **options)
@@ -207,6 +226,10 @@ def _portable(err: BaseException) -> BaseException:
     return TrackingFailed(str(err).strip() or type(err).__name__)
 
 
+def _state_of(tracker) -> dict[str, Any] | None:
+    return None if tracker is None else {key: getattr(tracker, key) for key in _STATE}
+
+
 def serve(connection: Connection) -> None:
     import threading
 
@@ -233,16 +256,18 @@ def serve(connection: Connection) -> None:
             return
         try:
             if setup is not None:
-                tracker = Tracker(*setup)
+                *settings, paths = setup
+                sys.path[:0] = [path for path in paths if path not in sys.path]
+                tracker = Tracker(*settings)
             if name == "log_model":
                 model, example = pickle.loads(args[0])
                 result = tracker.log_model(model, example, *args[1:])
             else:
                 result = getattr(tracker, name)(*args, **kwargs)
                 result = None if result is tracker else result
-            reply = ("ok", result, {key: getattr(tracker, key) for key in _STATE})
+            reply = ("ok", result, _state_of(tracker))
         except BaseException as err:  # noqa: BLE001 - raised in the launch
-            reply = ("error", _portable(err))
+            reply = ("error", _portable(err), _state_of(tracker))
         try:
             with lock:
                 connection.send(reply)
@@ -252,4 +277,6 @@ def serve(connection: Connection) -> None:
 
 if __name__ == "__main__":
     serve(Connection(int(sys.argv[1])))
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # every call is answered; MLflow's leftover threads (telemetry) need not be waited for

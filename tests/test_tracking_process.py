@@ -141,3 +141,14 @@ def test_an_mlflow_process_that_dies_ends_the_launch_in_one_line_and_the_same_co
     client, (run,) = mlflow_runs(uri, "runner")
     assert run.info.status == "FINISHED"
     assert len(metric_series(client, run.info.run_id, "val_loss")) == 40
+
+
+@pytest.mark.slow
+def test_a_launch_refused_after_the_mlflow_process_started_leaves_none_behind(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # trainer.epochs=0 passes Hydra's schema and is refused by the runner's checks, after MLflow's process started
+    with start(tmp_path, "trainer.epochs=0", f"tracking.uri={uri}") as process:
+        said = process.stderr.read()
+        assert process.wait(timeout=120) == 2, said
+    assert "trainer.epochs must be at least 1" in said and "Traceback" not in said
+    assert not tracking_processes_of(process.pid), "the unused MLflow process outlived its launch"

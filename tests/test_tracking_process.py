@@ -42,6 +42,13 @@ def wait_until(condition, timeout: float = 30.0) -> bool:
     return condition()
 
 
+def assert_finished_with_every_epoch(uri: str, epochs: int) -> None:
+    """The store's one run is FINISHED and holds each of ``epochs`` epochs once."""
+    client, (run,) = mlflow_runs(uri, "runner")
+    assert run.info.status == "FINISHED"
+    assert len(metric_series(client, run.info.run_id, "val_loss")) == epochs
+
+
 def start(tmp_path: Path, *args: str) -> subprocess.Popen:
     """``python -m runner`` in a session of its own, so that a signal to its process group reaches only it and its
     MLflow process, as a Ctrl-C reaches a command in a terminal."""
@@ -99,9 +106,7 @@ def test_a_signal_to_the_whole_process_group_stops_once_and_the_run_is_marked_ki
     assert logged >= 3
     resumed = run_runner(*args, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-2000:]
-    client, (run,) = mlflow_runs(uri, "runner")
-    assert run.info.status == "FINISHED"
-    assert len(metric_series(client, run.info.run_id, "val_loss")) == 60
+    assert_finished_with_every_epoch(uri, 60)
 
 
 @pytest.mark.slow
@@ -138,9 +143,7 @@ def test_an_mlflow_process_that_dies_ends_the_launch_in_one_line_and_the_same_co
     again = run_runner(*args, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "trained; logging what MLflow lacks" in again.stderr
-    client, (run,) = mlflow_runs(uri, "runner")
-    assert run.info.status == "FINISHED"
-    assert len(metric_series(client, run.info.run_id, "val_loss")) == 40
+    assert_finished_with_every_epoch(uri, 40)
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ from conftest import assert_logged_once_as, assert_same_result, mlflow_runs, run
 from runner.checkpoint import list_checkpoints
 from runner.signals import FAULT_AT_STEP_ENV, STEP_DELAY_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+# One cluster for the session: its tests run in one pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 EPOCHS, STEPS = 4, 45  # digits: 45 batches of 32 per epoch
 BASE = [

@@ -1,10 +1,15 @@
-"""The package's shape: no import cycle between its modules, lazy imports inside functions included."""
+"""The package's shape: no import cycle between its modules, lazy imports inside functions included; every
+third-party package it imports declared in pyproject.toml."""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "runner"
@@ -65,3 +70,44 @@ def test_the_graph_sees_top_level_and_lazy_imports():
 
 def test_no_import_cycle_inside_the_package():
     assert find_cycle(import_graph()) is None
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level name of every absolute import in a file, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def declared_distributions() -> set[str]:
+    """Every distribution pyproject.toml asks for, in dependencies or an extra other than dev, normalised."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = [deps for name, deps in project["optional-dependencies"].items() if name != "dev"]
+    requirements = project["dependencies"] + [req for deps in extras for req in deps]
+    return {normalised(re.match(r"[A-Za-z0-9_.-]+", req).group()) for req in requirements}
+
+
+def normalised(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def test_every_third_party_package_the_runner_imports_is_declared():
+    # A package that only arrives with another (torchmetrics on a machine that had it) breaks a fresh install.
+    own = {"runner", "hydra_plugins", "__future__"}
+    imported = set().union(
+        *(top_level_imports(p) for p in [*PACKAGE.glob("*.py"), *ROOT.glob("hydra_plugins/**/*.py")])
+    )
+    third_party = sorted(imported - own - set(sys.stdlib_module_names))
+    providers = packages_distributions()
+    undeclared = [
+        name
+        for name in third_party
+        if not {normalised(d) for d in providers.get(name, [name])} & declared_distributions()
+    ]
+    assert third_party, "the import scan found nothing"
+    assert not undeclared, f"imported by runner/ but not declared in pyproject.toml: {undeclared}"

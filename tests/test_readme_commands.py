@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# The commands run in README order in one folder (a later one resumes what an earlier one trained), so all in one
+# pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme")]
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMAND_WORDS = ("python", "torchrun", "mlflow", "pip", "pytest", "mkdir", "printf")

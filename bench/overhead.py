@@ -9,6 +9,7 @@ median over repeats. CPU, one thread. Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -35,6 +36,7 @@ from runner.launch import RunSettings  # noqa: E402
 from runner.resume import RunRecord  # noqa: E402
 from runner.session import TrainingSession, make_loop  # noqa: E402
 from runner.tracking import Tracker  # noqa: E402
+from runner.tracking_process import prestart  # noqa: E402
 from runner.train import Loop, Progress, evaluate, train, train_one_epoch  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -64,6 +66,34 @@ def plain_epoch(model, optimizer, scheduler, batches) -> float:
     return float(total)
 
 
+def plain_validation(model, batches, metrics: dict) -> dict[str, float]:
+    """The textbook validation: eval mode, no grad, the mean loss, each torchmetrics metric updated every batch."""
+    model.eval()
+    loss_sum, samples = 0.0, 0
+    for metric in metrics.values():
+        metric.reset()
+    with torch.no_grad():
+        for x, y in batches:
+            outputs = model(x)
+            loss_sum += F.cross_entropy(outputs, y, reduction="sum")
+            samples += len(y)
+            for metric in metrics.values():
+                metric.update(outputs, y)
+    return {"val_loss": float(loss_sum) / samples} | {name: float(m.compute()) for name, m in metrics.items()}
+
+
+def plain_metrics(loop: Loop) -> dict:
+    """What a user would write for accuracy, f1 and top5_accuracy: torchmetrics' classes, fresh."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    classes = loop.metrics["f1"].num_classes
+    return {
+        "accuracy": MulticlassAccuracy(num_classes=classes, average="micro"),
+        "f1": copy.deepcopy(loop.metrics["f1"]),
+        "top5_accuracy": MulticlassAccuracy(num_classes=classes, top_k=5, average="micro"),
+    }
+
+
 def indexed_batches(x, y, batch_size, seed, epoch):
     order = epoch_permutation(len(x), seed, epoch)
     for start in range(0, len(x), batch_size):
@@ -77,7 +107,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def runner_vs_plain(overrides: list[str], repeats: int) -> dict:
+def runner_vs_plain(overrides: list[str], repeats: int, validate: bool = False) -> dict:
+    """``validate``: each epoch also validates, the runner with its ``metrics=[...]``, the plain loop with the same
+    torchmetrics classes updated every batch."""
     cfg = compose_config(*overrides)
     # One model, optimizer, scheduler and data, trained in turn by the runner's loop and by the plain loop: two
     # separately built copies can differ in speed by themselves (1.5% measured between two copies of the CNN).
@@ -91,8 +123,18 @@ def runner_vs_plain(overrides: list[str], repeats: int) -> dict:
         plain_batches = lambda epoch: loop.train_batches.epoch(epoch)  # noqa: E731
 
     never = lambda step, epoch_end=False: False  # noqa: E731
-    plain = lambda epoch: plain_epoch(loop.model, loop.optimizer, loop.scheduler, plain_batches(epoch))  # noqa: E731
-    ours = lambda epoch: (train_one_epoch(loop, progress, never), loop.scheduler.step())  # noqa: E731
+    metrics = plain_metrics(loop) if validate else {}
+
+    def plain(epoch: int) -> None:
+        plain_epoch(loop.model, loop.optimizer, loop.scheduler, plain_batches(epoch))
+        if validate:
+            plain_validation(loop.model, loop.val_batches.epoch(0), metrics)
+
+    def ours(epoch: int) -> None:
+        train_one_epoch(loop, progress, never)
+        loop.scheduler.step()
+        if validate:
+            evaluate(loop)
 
     runner_times, plain_times = [], []
     for epoch in range(repeats + 1):  # the first pair warms up
@@ -113,13 +155,15 @@ def runner_vs_plain(overrides: list[str], repeats: int) -> dict:
     return {"runner_s": runner_median, "plain_s": plain_median, "ratio": paired}
 
 
-def persistence_cost(repeats: int, block: int = 200) -> dict:
+def persistence_cost(repeats: int, own_process: bool, block: int = 200) -> dict:
     """What checkpointing and MLflow logging add to the default config's epochs, as the runner does them.
 
     Blocks of ``block`` epochs through the runner's own ``train`` with its own end-of-epoch handler (a checkpoint
-    every epoch but at least trainer.checkpoint_min_seconds apart, then the MLflow logging of its epochs on the
-    persist thread, waited for at the end of the block) alternate with blocks without it. Also reported: one
-    checkpoint write and one epoch's MLflow logging on their own, for scale.
+    every epoch but at least trainer.checkpoint_min_seconds apart, then the MLflow logging of its epochs from the
+    persist thread, waited for at the end of the block) alternate with blocks without it. ``own_process``: MLflow
+    in a process of its own, as a single run (``python -m runner``) has it; else in this process, as a sweep's job
+    or DDP's rank 0 has it. Also reported: one checkpoint write and one epoch's MLflow logging on their own (in this
+    process), for scale.
     """
     with_times, without_times, checkpoint_times, mlflow_times = [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -129,6 +173,8 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
         built, settings, ranks = build_everything(cfg, CPU), RunSettings.of(cfg), Distributed(CPU)
 
         def run_block(persist: bool) -> float:
+            if persist and own_process:
+                prestart()  # taken by the session's tracker, as in `python -m runner`
             session = TrainingSession(cfg, built, RunRecord.new(run_dir, "bench"), settings, ranks)
             if persist:
                 session.tracker.open("bench")  # a fresh MLflow run: every step is new
@@ -136,7 +182,9 @@ def persistence_cost(repeats: int, block: int = 200) -> dict:
             train(session.loop, session.progress, session.end_epoch if persist else lambda result: None)
             if persist:
                 session.persister.close()
-            return (time.perf_counter() - start) / block
+            elapsed = time.perf_counter() - start
+            session.tracker.close()
+            return elapsed / block
 
         for repeat in range(repeats + 1):  # the first pair warms up
             if repeat % 2:  # ABBA, as for the loops
@@ -275,26 +323,31 @@ def main() -> None:
         "FakeData CNN, batch 32": ["model=cnn", "data=fake", "data.size=640", "trainer.batch_size=32"],
         "FakeData CNN, batch 256": ["model=cnn", "data=fake", "data.size=2560", "trainer.batch_size=256"],
     }
+    validated = {"digits MLP, batch 32, validated with accuracy, f1, top5": [EXTRA_METRICS]}
     results = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread, "
         f"torch {torch.__version__}".strip(),
-        "loop": {name: runner_vs_plain(o, args.repeats) for name, o in workloads.items()},
-        "per_epoch_costs": persistence_cost(args.repeats),
+        "loop": {name: runner_vs_plain(o, args.repeats) for name, o in workloads.items()}
+        | {name: runner_vs_plain(o, args.repeats, validate=True) for name, o in validated.items()},
+        "per_epoch_costs": persistence_cost(args.repeats, own_process=True),
+        "per_epoch_costs_mlflow_in_process": persistence_cost(args.repeats, own_process=False),
         "extra_metrics": metrics_cost(args.repeats),
         "startup": startup(3),
         "batcher": batcher_vs_dataloader(args.repeats),
     }
 
     print(f"machine: {results['machine']}")
-    print(f"{'workload':<26}{'runner s':>10}{'plain s':>10}{'ratio':>8}")
+    print(f"{'workload':<56}{'runner s':>10}{'plain s':>10}{'ratio':>8}")
     for name, r in results["loop"].items():
-        print(f"{name:<26}{r['runner_s']:>10.4f}{r['plain_s']:>10.4f}{r['ratio']:>8.3f}")
-    c = results["per_epoch_costs"]
+        print(f"{name:<56}{r['runner_s']:>10.4f}{r['plain_s']:>10.4f}{r['ratio']:>8.3f}")
+    c, t = results["per_epoch_costs"], results["per_epoch_costs_mlflow_in_process"]
     print(
         f"default epoch {c['epoch_s'] * 1e3:.1f} ms; with checkpoint + MLflow logging "
-        f"{c['epoch_with_persistence_s'] * 1e3:.1f} ms (+{c['persistence_fraction']:.1%}); done synchronously they "
-        f"would take {c['sync_checkpoint_s'] * 1e3:.1f} ms + "
-        f"{c['sync_mlflow_s'] * 1e3:.1f} ms (blocks of 200 epochs; trainer.checkpoint_min_seconds=1)"
+        f"{c['epoch_with_persistence_s'] * 1e3:.1f} ms (+{c['persistence_fraction']:.1%}, target 5%; MLflow in a "
+        f"process of its own, as for python -m runner); with MLflow in this process, as for a sweep's job, "
+        f"{t['epoch_with_persistence_s'] * 1e3:.1f} ms against {t['epoch_s'] * 1e3:.1f} ms "
+        f"(+{t['persistence_fraction']:.1%}); done synchronously they would take {c['sync_checkpoint_s'] * 1e3:.1f} "
+        f"ms + {c['sync_mlflow_s'] * 1e3:.1f} ms (blocks of 200 epochs; trainer.checkpoint_min_seconds=1)"
     )
     m = results["extra_metrics"]
     print(

@@ -10,7 +10,8 @@ One thread each (OMP_NUM_THREADS=1), a warm MLflow store (created by an untimed 
 finds it). Prints:
 - fixed cost: t_runner(short) - t_plain(short), the seconds a run costs beyond the script;
 - per epoch: (t_runner(long) - t_runner(short)) / (t_plain(long) - t_plain(short));
-- with --sweep, a 4-job joblib sweep of short runs against 4 plain scripts one after another.
+- with --sweep, a 4-job joblib sweep of short runs against the 4 plain scripts run as many at a time as joblib
+  runs jobs (one per core), and from the two the cost per job.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +62,9 @@ def paired(repeats: int, epochs: int, cwd: Path) -> tuple[float, float]:
     return statistics.median(times["runner"]), statistics.median(times["plain"])
 
 
-def sweep_cost(cwd: Path, epochs: int) -> tuple[float, float]:
-    """A 4-job joblib sweep of ``epochs``-epoch runs, and the 4 plain scripts run one after another."""
+def sweep_cost(cwd: Path, epochs: int, repeats: int) -> tuple[float, float, int]:
+    """Median wall seconds of a 4-job joblib sweep of ``epochs``-epoch runs and of the same 4 plain scripts run as
+    many at a time as joblib runs jobs (one per core), in ABBA order; and that number of lanes."""
     sweep = [
         sys.executable,
         "-m",
@@ -73,9 +76,20 @@ def sweep_cost(cwd: Path, epochs: int) -> tuple[float, float]:
         "trainer.seed=0,1,2,3",
         *OVERRIDES,
     ]
-    swept = wall(sweep, cwd)
-    plain_total = sum(wall(plain(epochs), cwd) for _ in range(4))
-    return swept, plain_total
+    lanes = min(4, os.cpu_count() or 1)  # joblib's n_jobs=-1: a worker per core
+
+    def four_plain_scripts() -> float:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(lambda _: wall(plain(epochs), cwd), range(4)))
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {"sweep": [], "plain": []}
+    for i in range(repeats):
+        order = ("sweep", "plain") if i % 2 == 0 else ("plain", "sweep")
+        for side in order:
+            times[side].append(wall(sweep, cwd) if side == "sweep" else four_plain_scripts())
+    return statistics.median(times["sweep"]), statistics.median(times["plain"]), lanes
 
 
 def main() -> None:
@@ -99,10 +113,11 @@ def main() -> None:
         print(f"fixed cost: {short_runner - short_plain:+.2f} s (target <= 1.5 s)")
         print(f"per epoch: runner/plain {per_epoch:.3f} (target <= 1.05)")
         if args.sweep:
-            swept, plain_total = sweep_cost(cwd, args.short)
+            swept, plain_total, lanes = sweep_cost(cwd, args.short, args.repeats)
+            # Each lane runs 4 / lanes jobs, so a lane's extra seconds divided by its jobs is the cost of one job.
             print(
-                f"4-job joblib sweep of {args.short}-epoch runs: {swept:.2f} s, 4 plain scripts {plain_total:.2f} s: "
-                f"{(swept - plain_total) / 4:+.2f} s per job"
+                f"4-job joblib sweep of {args.short}-epoch runs: {swept:.2f} s; the 4 plain scripts, {lanes} at a "
+                f"time: {plain_total:.2f} s; per job {(swept - plain_total) * lanes / 4:+.2f} s"
             )
 
 

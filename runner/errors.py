@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from contextlib import contextmanager
 # stopped, checkpointed, resumable.
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 75
+# torchrun stops every process as soon as one exits: another rank that meets the same bad input leaves this long for
+# rank 0, which says it, to get there (under load rank 0 can be seconds behind). torchrun's SIGTERM ends the wait.
+RANK_ZERO_GRACE_S = 15.0
 # Set beside HYDRA_FULL_ERROR=1 when the runner set that itself, to catch Hydra's config errors (runner.__main__).
 RAISED_FOR_RUNNER_ENV = "RUNNER_HYDRA_FULL_ERROR_SET"
 
@@ -161,6 +165,8 @@ def report_error(err: BaseException, logger: logging.Logger | None = None) -> in
     exit_code = getattr(err, "exit_code", EXIT_BAD_INPUT)
     shared = isinstance(err, ReportedByRankZero | ConfigError | Stopped | Diverged)  # every rank meets these alike
     if shared and os.environ.get("RANK", "0") != "0":
+        if exit_code == EXIT_BAD_INPUT:
+            time.sleep(RANK_ZERO_GRACE_S)
         return exit_code
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     retry = isinstance(err, Stopped | RunInUse | TrackingBehind)  # not a mistake: the same command, later, carries on

@@ -104,7 +104,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_exit_75_and_running_
     assert "run the same command again: it resumes from the previous checkpoint" in line
     assert list_checkpoints(run_dir) == before and not list((run_dir / "checkpoints").glob(".*tmp*"))
     _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
-    assert logged.info.status == "KILLED"  # stopped, to be resumed: not FAILED
+    assert logged.info.status == "KILLED", full.stderr[-3000:]  # stopped, to be resumed: not FAILED
 
     filler.unlink()
     resumed = launch(tmp_path, run_dir=run_dir)

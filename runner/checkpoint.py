@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,9 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def write_atomically(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it into place."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it into place. The temporary
+    file is this thread's own: the persist thread saves runner.json while the training thread may save it too."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(temporary, "wb") as file:
             write(file)

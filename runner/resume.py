@@ -101,6 +101,21 @@ class RunRecord:
         data = {k: v for k, v in self.__dict__.items() if k != "run_dir"}
         write_atomically(self.run_dir / RUN_RECORD, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
+    def save_run_id(self, run_id: str) -> None:
+        """Record which MLflow run logs this run, so that a launch killed from now on finds it. Failing to write
+        (a full disk) is not MLflow's failure and stops nothing: the id reaches the disk with the next checkpoint,
+        whose state carries it, and the run's ``run_dir`` tag finds it while it is RUNNING. Raised on the persist
+        thread, it would stop every later log of the run and leave the run RUNNING when the checkpoint then failed
+        on the same full disk."""
+        self.mlflow_run_id = run_id
+        try:
+            self.save()
+        except OSError as err:
+            log.warning(
+                f"{self.run_dir / RUN_RECORD} was not updated with MLflow run {run_id} ({first_line(err)}); "
+                "logging goes on, and the next checkpoint carries the id"
+            )
+
     def state_dict(self) -> dict[str, str | None]:
         """The checkpoint's part of the record: which MLflow run logs this run."""
         return {"mlflow_run_id": self.mlflow_run_id}

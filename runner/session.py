@@ -239,8 +239,7 @@ class TrainingSession:
                 start_time=started,
                 parent_run_id=context.sweep.get("mlflow.parentRunId"),
             )
-            record.mlflow_run_id = tracker.run_id
-            record.save()
+            record.save_run_id(tracker.run_id)
             if not tracker.resumed:
                 whole = split_settings(flatten(self.settings.config, limit=None))[0]  # uncut: split if too long
                 tracker.log_params(mlflow_params(whole))

@@ -12,6 +12,7 @@ import torch
 from conftest import fill, mlflow_runs, run_runner
 
 from runner.checkpoint import CHECKPOINT_DIR, list_checkpoints, prune_checkpoints, save_checkpoint
+from runner.resume import RUN_RECORD, RunRecord
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
 
 BASE = ["trainer.epochs=3", "trainer.device=cpu", "trainer.progress_bar=false", "trainer.checkpoint_min_seconds=0"]
@@ -85,6 +86,25 @@ def test_pruning_keeps_the_newest_k_of_this_run_and_counts_no_unreadable_or_fore
     ]
     prune_checkpoints(tmp_path, written, keep=1, fingerprint="f")
     assert written.exists() and not (folder / "epoch-0003-step-00000030.pt").exists()
+
+
+def test_the_mlflow_run_id_met_by_a_full_disk_is_one_warning_and_stays_in_the_state_checkpoints_carry(
+    small_disk, caplog
+):
+    # Saved on the persist thread while tracking opens; raised there, it stopped every later log of the run and
+    # left the MLflow run RUNNING once the checkpoint failed on the same full disk (seen under load in CI).
+    record = RunRecord.new(small_disk, fingerprint="f")
+    record.save()
+    before = (small_disk / RUN_RECORD).read_text()
+    fill(small_disk, leave=0)
+
+    record.save_run_id("0123abcd")
+
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{small_disk / RUN_RECORD} was not updated with MLflow run 0123abcd (" in warning
+    assert "No space left on device" in warning
+    assert record.state_dict() == {"mlflow_run_id": "0123abcd"}  # what the next checkpoint writes
+    assert (small_disk / RUN_RECORD).read_text() == before and not list(small_disk.glob(".*tmp*"))
 
 
 @pytest.mark.slow

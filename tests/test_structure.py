@@ -15,18 +15,21 @@ from conftest import ROOT
 PACKAGE = ROOT / "runner"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every ``runner.*`` module a file imports, at its top or inside a function."""
+def absolute_imports(path: Path) -> set[str]:
+    """Every module a file imports by absolute name, at its top or inside a function; ``from runner import x``
+    counts as ``runner.x`` too, as x may be a submodule."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("runner.")}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "runner":  # from runner import __version__, or a submodule by name
-                found |= {f"runner.{alias.name}" for alias in node.names}
-            elif node.module.startswith("runner."):
-                found.add(node.module)
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     return found
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``runner.*`` module a file imports."""
+    return {name for name in absolute_imports(path) if name.startswith("runner.")}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -72,17 +75,6 @@ def test_no_import_cycle_inside_the_package():
     assert find_cycle(import_graph()) is None
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """The top-level name of every absolute import in a file, at its top or inside a function."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.partition(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.partition(".")[0])
-    return found
-
-
 def declared_distributions() -> set[str]:
     """Every distribution pyproject.toml asks for, in dependencies or an extra other than dev, normalised."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -99,15 +91,10 @@ def normalised(distribution: str) -> str:
 def test_every_third_party_package_the_runner_imports_is_declared():
     # A package that only arrives with another (torchmetrics on a machine that had it) breaks a fresh install.
     own = {"runner", "hydra_plugins", "__future__"}
-    imported = set().union(
-        *(top_level_imports(p) for p in [*PACKAGE.glob("*.py"), *ROOT.glob("hydra_plugins/**/*.py")])
-    )
+    files = [*PACKAGE.glob("*.py"), *ROOT.glob("hydra_plugins/**/*.py")]
+    imported = {name.partition(".")[0] for path in files for name in absolute_imports(path)}
     third_party = sorted(imported - own - set(sys.stdlib_module_names))
-    providers = packages_distributions()
-    undeclared = [
-        name
-        for name in third_party
-        if not {normalised(d) for d in providers.get(name, [name])} & declared_distributions()
-    ]
+    providers, declared = packages_distributions(), declared_distributions()
+    undeclared = [name for name in third_party if not {normalised(d) for d in providers.get(name, [name])} & declared]
     assert third_party, "the import scan found nothing"
     assert not undeclared, f"imported by runner/ but not declared in pyproject.toml: {undeclared}"

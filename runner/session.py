@@ -349,6 +349,8 @@ class TrainingSession:
         # Only now: a stop signal until the run is marked finished, in runner.json and in MLflow, is ignored. Handed
         # on, submitit's handler would requeue the job and exit between the two, leaving the MLflow run RUNNING.
         flag.uninstall()
+        if flag.signal_name is not None:  # its handler said "stopping after this step": say what happened instead
+            log.info(f"{flag.signal_name} came during the last step or after it: the run is complete, so it finished")
         if self.ranks.is_main:
             self._log_model()
             self._say_where_runs_are()

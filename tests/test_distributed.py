@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler
 
 from runner.checkpoint import list_checkpoints
 from runner.data import DeviceBatcher, shard
-from runner.signals import FAULT_AT_STEP_ENV
+from runner.signals import FAULT_AT_STEP_ENV, STEP_DELAY_ENV
 
 pytestmark = pytest.mark.slow  # real torchrun launches
 
@@ -46,13 +46,17 @@ def torchrun(
     nproc: int = 2,
     torchrun_args: tuple[str, ...] = (),
     fault: str | None = None,
+    step_delay: float | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=N -m runner overrides…`` in ``cwd``, tracked in its own SQLite store."""
+    """``torchrun --standalone --nproc_per_node=N -m runner overrides…`` in ``cwd``, tracked in its own SQLite store;
+    ``step_delay`` seconds of sleep after every batch (the ranks then agree on a stop within ~0.2 s of steps: 10)."""
     env = {key: value for key, value in os.environ.items() if key not in ("HYDRA_FULL_ERROR", FAULT_AT_STEP_ENV)}
     env["PYTHONUNBUFFERED"] = "1"
     if fault:
         env[FAULT_AT_STEP_ENV] = fault
+    if step_delay:
+        env[STEP_DELAY_ENV] = str(step_delay)
     command = [
         sys.executable,
         "-m",
@@ -341,7 +345,9 @@ def test_accumulated_steps_under_ddp_keep_the_global_batch_and_resume_bitwise_mi
         torch.testing.assert_close(reference["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
     (tmp_path / "stopped").mkdir()
-    stopped = torchrun(tmp_path / "stopped", *accumulating, fault="SIGTERM:6+1:1")  # rank 1, epoch 2's 2nd step
+    # Rank 1, epoch 2's 2nd step. Without the delay, fast steps let the ranks check for stops only every ~40
+    # batches: the stop was agreed at the end of the last epoch, which finished the run instead (seen in CI).
+    stopped = torchrun(tmp_path / "stopped", *accumulating, fault="SIGTERM:6+1:1", step_delay=0.02)
     assert "exitcode: 75" in stopped.stderr, stopped.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path / "stopped")
     held = final_bundle(run_dir)

@@ -229,6 +229,19 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert result.returncode == 130 and "still running" not in result.stdout
 
 
+def test_a_stop_signal_in_the_last_step_finishes_the_run_and_says_so_instead_of_stopping_it(tmp_path):
+    # On SLURM the time-limit signal can land while the last attempt's last step runs: nothing is left to resume.
+    done = launch(tmp_path, fault=f"SIGTERM:{EPOCHS * 45}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SIGTERM received" in done.stderr and "stopped by" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "the run is complete" in line]
+    assert line.endswith("SIGTERM came during the last step or after it: the run is complete, so it finished")
+    (run_dir,) = run_dirs(tmp_path)
+    assert json.loads((run_dir / "runner.json").read_text())["finished"] is True
+    _, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
+    assert run.info.status == "FINISHED"
+
+
 def test_a_finished_run_is_not_trained_again_and_never_starts_a_new_one(tmp_path):
     assert launch(tmp_path).returncode == 0
     (run_dir,) = run_dirs(tmp_path)

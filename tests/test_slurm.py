@@ -155,9 +155,11 @@ def test_a_job_past_its_time_limit_twice_is_requeued_and_ends_as_an_uninterrupte
     log = job_log(tmp_path / "sweep")
     requeues = submitit_requeues(log)
     assert requeues >= 2 and log.count("this job is timed-out") == 2 * requeues, log[-4000:]
-    # A signal may land before the runner has started training (submitit requeues at once): nothing is lost.
-    stops = log.count("SIGUSR2 received: stopping after this step")
-    assert 1 <= stops <= requeues
+    # A signal may land before the runner has started training (submitit requeues at once): nothing is lost. One
+    # landing in the last attempt's last step finishes the run instead, without a requeue (seen once in CI).
+    completed_anyway = log.count("SIGUSR2 came during the last step or after it: the run is complete")
+    stops = log.count("SIGUSR2 received: stopping after this step") - completed_anyway
+    assert 1 <= stops <= requeues and completed_anyway <= 1, log[-6000:]
     assert_stops_were_one_line_each(log, stops)
     assert_same_result(final_bundle(tmp_path / "sweep" / "0"), reference)
     assert_logged_once_as(f"sqlite:///{tmp_path / 'mlflow.db'}", reference, EPOCHS, STEPS)

@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not multirun:  # a sweep's process runs job after job: MLflow, imported once there, serves them all
-        prestart()  # MLflow's own process imports MLflow on another core while this one imports torch
+        # MLflow's own process imports MLflow on another core while this one imports torch
+        prestart(warm_model_logging=_wants_model_logged(cfg))
     from runner.run import RunContext, run
 
     context = RunContext(
@@ -65,6 +66,15 @@ def main(cfg: DictConfig) -> float | None:
             record_failed_job(Path(hydra_cfg.sweep.dir), context.run_name)
             return None
         sys.exit(exit_code)
+
+
+def _wants_model_logged(cfg: DictConfig) -> bool:
+    """``tracking.log_model``, read before the config is checked: a value that is not plainly true warms nothing
+    up (the check then says what is wrong with it)."""
+    try:
+        return cfg.tracking.log_model is True
+    except Exception:  # noqa: BLE001 - an interpolation that does not resolve, say: said by the check itself
+        return False
 
 
 def sweep_tags(hydra_cfg: DictConfig) -> dict[str, str]:

@@ -254,8 +254,6 @@ class TrainingSession:
             tracker.log_epochs(list(enumerate(logged_before.epochs)))
             tracker.log_series("lr_step", logged_before.lr_steps)
             log.info(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracker.experiment!r})")
-            if self.tracking.log_model and isinstance(tracker, TrackerProcess):  # never beside training itself:
-                tracker.prepare_model_logging()  # torch.export traced on a thread made DDP resumes differ by 1e-8
 
         self.persister.submit(open_tracking)
 

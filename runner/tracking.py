@@ -403,22 +403,6 @@ class Tracker:
             )
         return info.model_uri
 
-    def prepare_model_logging(self) -> None:
-        """Pay log_model's first-time costs now, while training runs (in MLflow's own process, where they cannot
-        slow or perturb training): importing torch.export and mlflow.pytorch, MLflow's map of installed packages
-        (its requirement check) and its notebook probe (its context tags). The run's end then waits ~1 s, not ~4."""
-        try:
-            import mlflow.pytorch  # noqa: F401
-            import torch
-            from mlflow.models import infer_signature  # noqa: F401
-            from mlflow.utils import databricks_utils, requirements_utils
-
-            torch.export.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),))  # imports what tracing needs (dynamo)
-            databricks_utils.is_running_in_ipython_environment()
-            requirements_utils._init_packages_to_modules_map()  # private: if it moves, log_model pays it itself
-        except Exception as err:  # noqa: BLE001 - a warm-up: log_model says what fails, if anything does
-            log.debug(f"log_model's warm-up failed: {err}")
-
     def start_system_metrics(self) -> None:
         """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its
         ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), continued from its last step on a resumed run."""
@@ -454,6 +438,24 @@ class Tracker:
         """End the run: ``end_time`` (ms) when training ended, else now."""
         self.stop_system_metrics()
         self.client.set_terminated(self.run_id, status, end_time=end_time)
+
+
+def prepare_model_logging() -> None:
+    """Pay log_model's first-time costs ahead of it, in MLflow's own process (where they cannot slow or perturb
+    training: torch.export traced on a thread beside DDP training made resumes differ by 1e-8): importing torch,
+    torch.export and mlflow.pytorch, MLflow's map of installed packages (its requirement check) and its notebook
+    probe (its context tags). About 3 s of CPU that a short run's end would otherwise wait for."""
+    try:
+        import mlflow.pytorch  # noqa: F401
+        import torch
+        from mlflow.models import infer_signature  # noqa: F401
+        from mlflow.utils import databricks_utils, requirements_utils
+
+        torch.export.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),))  # imports what tracing needs (dynamo)
+        databricks_utils.is_running_in_ipython_environment()
+        requirements_utils._init_packages_to_modules_map()  # private: if it moves, log_model pays it itself
+    except Exception as err:  # noqa: BLE001 - a warm-up: log_model says what fails, if anything does
+        log.debug(f"log_model's warm-up failed: {err}")
 
 
 def runs_table_url(server: str, experiment_id: str) -> str:

@@ -31,6 +31,7 @@ from runner.tracking import LAUNCH_PID_ENV
 
 log = logging.getLogger(__name__)
 
+WARM_MODEL_LOGGING = "--warm-model-logging"
 _STATE = ("uri", "experiment", "experiment_id", "run_id", "resumed", "logged_epochs")
 _prestarted: _Child | None = None  # started by runner.__main__ before torch is imported; taken by a TrackerProcess
 
@@ -46,9 +47,10 @@ class TrackingFailed(RuntimeError):
 class _Child:
     """The child process and the launch's end of the socket to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm_model_logging: bool = False) -> None:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-m", "runner.tracking_process", str(theirs.fileno())]
+        command += [WARM_MODEL_LOGGING] if warm_model_logging else []
         env = os.environ | {LAUNCH_PID_ENV: str(os.getpid())}
         # stdout: the launch's stderr, as its logging; stdout is kept for what the user asked for
         self.process = subprocess.Popen(
@@ -76,9 +78,10 @@ class _Child:
         self.process.wait()
 
 
-def prestart() -> None:
-    """Start the MLflow process now, so that it imports MLflow while this process imports torch. Left unused (the
-    launch found the run finished, or refused its config), it is killed at exit.
+def prestart(warm_model_logging: bool = False) -> None:
+    """Start the MLflow process now, so that it imports MLflow while this process imports torch, and then, with
+    ``warm_model_logging`` (``tracking.log_model``), what logging the model at the end needs, while training runs.
+    Left unused (the launch found the run finished, or refused its config), it is killed at exit.
 
     Not for one of several processes of a DDP run (torchrun's, or a SLURM job's tasks): their ranks already share
     the machine's cores, and rank 0 must be as quick as the others to say a config error in one line before
@@ -88,7 +91,7 @@ def prestart() -> None:
     if _prestarted is not None or any(count != "1" for count in processes):
         return
     try:
-        _prestarted = _Child()
+        _prestarted = _Child(warm_model_logging)
     except OSError as err:  # no process to be had (limits, no fd 2): MLflow stays on the persist thread
         log.debug(f"MLflow stays in this process: {err}")
         return
@@ -230,7 +233,7 @@ def _state_of(tracker) -> dict[str, Any] | None:
     return None if tracker is None else {key: getattr(tracker, key) for key in _STATE}
 
 
-def serve(connection: Connection) -> None:
+def serve(connection: Connection, warm_model_logging: bool = False) -> None:
     import threading
 
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):  # the launch decides what a stop does
@@ -244,8 +247,10 @@ def serve(connection: Connection) -> None:
     import mlflow  # noqa: F401 - the point of this process: paid here while the launch imports torch
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the default store's, most of opening it
 
-    from runner.tracking import Tracker
+    from runner.tracking import Tracker, prepare_model_logging
 
+    if warm_model_logging:  # before the first call: the launch is still importing torch; the calls wait in order
+        prepare_model_logging()
     tracker: Tracker | None = None
     while True:
         try:
@@ -276,7 +281,7 @@ def serve(connection: Connection) -> None:
 
 
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])))
+    serve(Connection(int(sys.argv[1])), warm_model_logging=WARM_MODEL_LOGGING in sys.argv[2:])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # every call is answered; MLflow's leftover threads (telemetry) need not be waited for

@@ -1,7 +1,7 @@
 """What a run costs as a user lives it: whole processes, the runner's default job (checkpoints and MLflow on)
 against bench/plain_script.py, the same model, data, optimizer, schedule and seed written by hand.
 
-    python bench/whole_process.py [--repeats 3] [--short 5] [--mid M] [--long 205] [--sweep] [OVERRIDE ...]
+    python bench/whole_process.py [--repeats 3] [--short 5] [--mid 405] [--long 805] [--sweep] [OVERRIDE ...]
 
 OVERRIDEs go to the runner's command (``tracking.log_model=false``: the cost without the model logged at the end).
 
@@ -9,7 +9,7 @@ Each figure is the median over repeats; runner and plain script alternate (ABBA)
 One thread each (OMP_NUM_THREADS=1), a warm MLflow store (created by an untimed first run, as a user's second run
 finds it). Prints:
 - fixed cost: t_runner(short) - t_plain(short), the seconds a run costs beyond the script;
-- per epoch: (t_runner(long) - t_runner(mid)) / (t_plain(long) - t_plain(mid)), MID being SHORT unless given;
+- per epoch: (t_runner(long) - t_runner(mid)) / (t_plain(long) - t_plain(mid));
 - with --sweep, a 4-job joblib sweep of short runs against the 4 plain scripts run as many at a time as joblib
   runs jobs (one per core), and from the two the cost per job.
 """
@@ -96,19 +96,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--short", type=int, default=5)
-    parser.add_argument("--long", type=int, default=205)
-    parser.add_argument(
-        "--mid",
-        type=int,
-        default=None,
-        help="per epoch from MID to LONG epochs rather than from SHORT: a run whose end waits for the model to be "
-        "logged (the default, ~8 s of MLflow's process) needs both longer than that, e.g. --mid 405 --long 805",
-    )
+    # Per epoch from MID to LONG: both long enough that the end does not wait for the model's logging (a chain of
+    # ~8 s in MLflow's process from the launch), and far enough apart that the machine's noise (±0.3 s a process
+    # here) moves the ratio by a few percent, not the ±30% that 5 against 205 epochs gave.
+    parser.add_argument("--mid", type=int, default=405)
+    parser.add_argument("--long", type=int, default=805)
     parser.add_argument("--sweep", action="store_true", help="also time a 4-job joblib sweep")
     parser.add_argument("overrides", nargs="*", help="for the runner's command, e.g. tracking.log_model=false")
     args = parser.parse_args()
     OVERRIDES.extend(args.overrides)
-    mid = args.short if args.mid is None else args.mid
+    mid = args.mid
     print(f"runner: python -m runner {' '.join(runner(args.short)[3:])}")
     with tempfile.TemporaryDirectory() as folder:
         cwd = Path(folder)

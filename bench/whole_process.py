@@ -105,18 +105,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="for the runner's command, e.g. tracking.log_model=false")
     args = parser.parse_args()
     OVERRIDES.extend(args.overrides)
-    mid = args.mid
     print(f"runner: python -m runner {' '.join(runner(args.short)[3:])}")
     with tempfile.TemporaryDirectory() as folder:
         cwd = Path(folder)
         wall(runner(1), cwd)  # creates the MLflow store, as a user's first run does
-        times = {epochs: paired(args.repeats, epochs, cwd) for epochs in dict.fromkeys([args.short, mid, args.long])}
+        times = {
+            epochs: paired(args.repeats, epochs, cwd) for epochs in dict.fromkeys([args.short, args.mid, args.long])
+        }
         for epochs, (by_runner, by_plain) in times.items():
             print(f"{epochs} epochs: runner {by_runner:.2f} s, plain script {by_plain:.2f} s")
-        (short_runner, short_plain), (mid_runner, mid_plain) = times[args.short], times[mid]
+        (short_runner, short_plain), (mid_runner, mid_plain) = times[args.short], times[args.mid]
         per_epoch = (times[args.long][0] - mid_runner) / (times[args.long][1] - mid_plain)
         print(f"fixed cost: {short_runner - short_plain:+.2f} s (target <= 1.5 s)")
-        print(f"per epoch, {mid} to {args.long} epochs: runner/plain {per_epoch:.3f} (target <= 1.05)")
+        print(f"per epoch, {args.mid} to {args.long} epochs: runner/plain {per_epoch:.3f} (target <= 1.05)")
         if args.sweep:
             swept, plain_total, lanes = sweep_cost(cwd, args.short, args.repeats)
             # Each lane runs 4 / lanes jobs, so a lane's extra seconds divided by its jobs is the cost of one job.

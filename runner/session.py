@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import platform
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from runner.distributed import AgreedStop, Distributed
 from runner.errors import CheckpointError, Diverged, NotFinished, Stopped, TrackingBehind, first_line
 from runner.launch import Launch, RunContext, RunSettings
 from runner.metrics import monitor_direction
+from runner.model_logging import export_program
 from runner.persist import Persister
 from runner.resume import RunRecord, split_settings
 from runner.signals import StopFlag
@@ -481,12 +483,18 @@ class TrainingSession:
             model, weights = self._model_to_log()
             example = sample_batch(self.data, torch.device("cpu"), size=2)[0]
             example = example.float() if example.is_floating_point() else example  # token ids stay integers
-            uri = self.tracker.log_model(model, example, self.tracking.registered_model_name)
+            name = self.tracking.registered_model_name
+            # Traced here, where torch is imported already, into a folder of the run's own (removed after)
+            with tempfile.TemporaryDirectory(prefix=".mlflow-model-", dir=self.record.run_dir) as folder:
+                exported = export_program(model, example, Path(folder))
+                if exported is not None:
+                    uri = self.tracker.log_exported_model(exported, name)
+                else:
+                    uri = self.tracker.log_pickled_model(model, example, name)
         except Exception as err:  # noqa: BLE001 - said in one line; the run's metrics are all logged
             reason = first_line(err)
             log.warning(f"the model was not logged to MLflow ({reason}); the checkpoints hold it")
             return
-        name = self.tracking.registered_model_name
         log.info(f"MLflow model {uri}: {weights} weights" + (f", registered as {name!r}" if name else ""))
 
     def _model_to_log(self) -> tuple[torch.nn.Module, str]:

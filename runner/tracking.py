@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ConfigError, first_line
+from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -369,32 +369,46 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), folder)
 
-    def log_model(self, model, example, registered_model_name: str | None = None) -> str:
-        """Log ``model`` (on the CPU, in eval mode) as the run's MLflow model ``model``, with the signature and
-        input example of ``example`` (a batch of inputs); the model's URI.
+    def log_exported_model(self, exported, registered_model_name: str | None = None) -> str:
+        """Log ``exported`` (runner.model_logging's ExportedModel: the program the launch traced) as the run's
+        MLflow model ``model`` in MLflow's pt2 format, with its signature and input example; the model's URI.
 
-        Saved as torch.export's program (MLflow's safe ``pt2`` format: it loads without the model's code); a model
-        torch.export cannot trace is pickled instead, which loads only where its code can be imported. The pip
-        requirements are given, so MLflow does not spend seconds inferring them in a subprocess.
-        """
+        Through MLflow's own ``Model.log``, as ``mlflow.pytorch.log_model`` does, without importing torch here.
+        Its check that the input example serves (loading the program, which imports torch._dynamo: ~3 s) is left
+        out: the launch ran the program on that example and compared it with the model's own outputs."""
+        from mlflow.models import Model, infer_signature
+
+        from runner.model_logging import SavedProgram
+
+        with fluent_target(self.uri, self.experiment_id):
+            info = Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=SavedProgram,
+                exported=exported,
+                serialization_format="pt2",  # recorded on the logged model, as mlflow.pytorch.log_model does
+                signature=infer_signature(exported.example, exported.output),
+                input_example=exported.example,
+                validate_serving_input=False,
+                registered_model_name=registered_model_name,
+                run_id=self.run_id,
+            )
+        return info.model_uri
+
+    def log_pickled_model(self, model, example, registered_model_name: str | None = None) -> str:
+        """Log ``model`` pickled, for a model torch.export cannot trace (said by the launch): it loads only where
+        its code can be imported. The pip requirements are given, so MLflow does not infer them in a subprocess."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
         with torch.no_grad():
             output = model(example)
-        try:
-            torch.export.export(model, (example,))  # what MLflow's pt2 format does: tried here, so only its
-            serialization = "pt2"  # failure, not a store's, means pickling
-        except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
-            reason = first_line(err)
-            log.warning(f"torch.export cannot trace the model ({reason}); logging it pickled instead")
-            serialization = "pickle"
-        with fluent_target(self.uri, self.experiment_id), warnings_hidden("mlflow.pytorch"):  # said above, if so
+        with fluent_target(self.uri, self.experiment_id), warnings_hidden("mlflow.pytorch"):  # said already
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
-                serialization_format=serialization,
+                serialization_format="pickle",
                 signature=infer_signature(example.numpy(), output.numpy()),
                 input_example=example.numpy(),
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
@@ -441,22 +455,20 @@ class Tracker:
 
 
 def prepare_model_logging() -> None:
-    """Pay log_model's first-time costs ahead of it, in MLflow's own process (where they cannot slow or perturb
-    training: torch.export traced on a thread beside DDP training made resumes differ by 1e-8): importing torch,
-    torch.export and mlflow.pytorch, MLflow's map of installed packages (its requirement check) and its notebook
-    probe (its context tags). About 4 s of CPU here (torch 1.6 s, torch._dynamo 1.5 s), which a short run's end
-    would otherwise wait for."""
+    """Pay the first-time costs of logging the model ahead of it, in MLflow's own process while the launch imports
+    torch and trains: MLflow's model modules, its map of installed packages (its requirement check, ~0.5 s) and
+    its notebook probe (its context tags, an IPython import). Torch is not among them: the launch traces the model
+    (runner.model_logging)."""
     try:
-        import mlflow.pytorch  # noqa: F401
-        import torch
-        from mlflow.models import infer_signature  # noqa: F401
+        from mlflow import pyfunc  # noqa: F401
+        from mlflow.models import Model, infer_signature  # noqa: F401
+        from mlflow.models.utils import _save_example  # noqa: F401
         from mlflow.utils import databricks_utils, requirements_utils
 
-        torch.export.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),))  # imports what tracing needs (dynamo)
         databricks_utils.is_running_in_ipython_environment()
         requirements_utils._init_packages_to_modules_map()  # private: if it moves, log_model pays it itself
-    except Exception as err:  # noqa: BLE001 - a warm-up: log_model says what fails, if anything does
-        log.debug(f"log_model's warm-up failed: {err}")
+    except Exception as err:  # noqa: BLE001 - a warm-up: logging the model says what fails, if anything does
+        log.debug(f"the model logging's warm-up failed: {err}")
 
 
 def runs_table_url(server: str, experiment_id: str) -> str:

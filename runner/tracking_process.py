@@ -48,6 +48,7 @@ class _Child:
     """The child process and the launch's end of the socket to it."""
 
     def __init__(self, warm_model_logging: bool = False) -> None:
+        self.warm_model_logging = warm_model_logging
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-m", "runner.tracking_process", str(theirs.fileno())]
         command += [WARM_MODEL_LOGGING] if warm_model_logging else []
@@ -115,7 +116,11 @@ def prestarted() -> bool:
 def _take_prestarted() -> _Child:
     global _prestarted
     child, _prestarted = _prestarted, None
-    return child if child is not None and child.process.poll() is None else _Child()
+    if child is None:
+        return _Child()
+    if child.process.poll() is not None:  # it died before the run took it: a fresh one, warmed up as asked
+        return _Child(child.warm_model_logging)
+    return child
 
 
 def _how_it_ended(child: _Child) -> str:
@@ -180,11 +185,11 @@ class TrackerProcess:
         self._call("open", run_name, run_id, **options)
         return self
 
-    def log_model(self, model, example, registered_model_name: str | None = None) -> str:
+    def log_pickled_model(self, model, example, registered_model_name: str | None = None) -> str:
         # Plain pickle, not the socket's own (multiprocessing's pickler, which torch makes send tensors through
         # shared memory): the child loads the model and its example from these bytes, importing torch for them.
         # Our own process's bytes, so not a checkpoint's weights_only concern.
-        return self._call("log_model", pickle.dumps((model, example)), registered_model_name)
+        return self._call("log_pickled_model", pickle.dumps((model, example)), registered_model_name)
 
     def close(self) -> None:
         """Let the MLflow process leave; every call has been answered, so nothing is lost."""
@@ -264,9 +269,9 @@ def serve(connection: Connection, warm_model_logging: bool = False) -> None:
                 *settings, paths = setup
                 sys.path[:0] = [path for path in paths if path not in sys.path]
                 tracker = Tracker(*settings)
-            if name == "log_model":
+            if name == "log_pickled_model":
                 model, example = pickle.loads(args[0])
-                result = tracker.log_model(model, example, *args[1:])
+                result = tracker.log_pickled_model(model, example, *args[1:])
             else:
                 result = getattr(tracker, name)(*args, **kwargs)
                 result = None if result is tracker else result

@@ -13,6 +13,7 @@ import torch
 from conftest import TINY, run_runner
 from mlflow import MlflowClient
 
+from runner.model_logging import export_program
 from runner.signals import EXIT_STOPPED, FAULT_AT_STEP_ENV
 from runner.tracking import Tracker, fluent_target
 
@@ -154,14 +155,19 @@ def test_system_metrics_are_mlflows_own_and_only_when_asked(tmp_path):
     assert not [key for key in runs[0].data.metrics if key.startswith("system/")]
 
 
-def test_logging_a_model_leaves_mlflows_process_wide_uri_and_experiment_as_they_were(tmp_path, monkeypatch):
-    """mlflow.pytorch.log_model needs MLflow's global URI and experiment, which also go into os.environ for every
+@pytest.mark.parametrize("format", ["pt2", "pickle"])
+def test_logging_a_model_leaves_mlflows_process_wide_uri_and_experiment_as_they_were(tmp_path, monkeypatch, format):
+    """MLflow's model logging needs MLflow's global URI and experiment, which also go into os.environ for every
     later subprocess; the runner sets them for the call only."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     before = mlflow.get_tracking_uri()
     tracker = Tracker(store_in(tmp_path), "models").open("a run")
-    uri = tracker.log_model(torch.nn.Linear(3, 2).eval(), torch.rand(2, 3))
+    model, example = torch.nn.Linear(3, 2).eval(), torch.rand(2, 3)
+    if format == "pt2":
+        uri = tracker.log_exported_model(export_program(model, example, tmp_path))
+    else:
+        uri = tracker.log_pickled_model(model, example)
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert mlflow.get_tracking_uri() == before
     (model,) = logged_models(tracker.uri, MlflowClient(tracker.uri).get_run(tracker.run_id))

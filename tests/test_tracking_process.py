@@ -81,7 +81,7 @@ def test_the_launch_imports_no_mlflow_and_its_run_is_logged_whole_with_the_model
     client, (run,) = mlflow_runs(uri, "runner")
     assert run.info.status == "FINISHED"
     assert len(metric_series(client, run.info.run_id, "val_loss")) == 2
-    assert "MLflow model models:/" in done.stderr  # logged from the MLflow process, which imported torch for it
+    assert "MLflow model models:/" in done.stderr  # traced here, logged by the MLflow process
 
 
 @pytest.mark.slow
@@ -155,3 +155,22 @@ def test_a_launch_refused_after_the_mlflow_process_started_leaves_none_behind(tm
         assert process.wait(timeout=120) == 2, said
     assert "trainer.epochs must be at least 1" in said and "Traceback" not in said
     assert not tracking_processes_of(process.pid), "the unused MLflow process outlived its launch"
+
+
+def test_a_prestarted_mlflow_process_that_died_is_replaced_by_one_warmed_up_as_asked():
+    """The warm-up for the model's logging is asked for at the prestart; a process that died before the run took it
+    (killed, out of memory) is replaced by one that still does it."""
+    from runner import tracking_process
+
+    tracking_process.prestart(warm_model_logging=True)
+    first = tracking_process._prestarted
+    assert first is not None and tracking_process.WARM_MODEL_LOGGING in first.process.args
+    first.process.kill()
+    first.process.wait()
+    replacement = tracking_process._take_prestarted()
+    try:
+        assert replacement is not first and replacement.process.poll() is None
+        assert tracking_process.WARM_MODEL_LOGGING in replacement.process.args
+    finally:
+        replacement.kill()
+        first.connection.close()

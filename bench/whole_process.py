@@ -9,7 +9,8 @@ Each figure is the median over repeats; runner and plain script alternate (ABBA)
 One thread each (OMP_NUM_THREADS=1), a warm MLflow store (created by an untimed first run, as a user's second run
 finds it). Prints:
 - fixed cost: t_runner(short) - t_plain(short), the seconds a run costs beyond the script;
-- per epoch: (t_runner(long) - t_runner(mid)) / (t_plain(long) - t_plain(mid));
+- per epoch: (t_runner(long) - t_runner(mid)) / (t_plain(long) - t_plain(mid)), and the same from the times the
+  long runs print their epoch lines (epoch 5 to the last), which leaves out start-up and end and their noise;
 - with --sweep, a 4-job joblib sweep of short runs against the 4 plain scripts run as many at a time as joblib
   runs jobs (one per core), and from the two the cost per job.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,14 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ROOT / "bench" / "plain_script.py"
 
 
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")  # the line both print after each epoch
+EPOCH_SECONDS: dict[tuple[str, int], list[float]] = {}  # (runner or plain, epochs): seconds an epoch, by its lines
+
+
 def wall(command: list[str], cwd: Path) -> float:
+    """Wall seconds of ``command``; also the seconds between its epoch lines, from the 5th to the last, into
+    EPOCH_SECONDS: an epoch's cost without the start-up and the end, whose noise the per-epoch figure divides."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+    tail: list[str] = []
+    for line in process.stderr:
+        if match := EPOCH_LINE.search(line):
+            seen[int(match[1])] = time.perf_counter()
+        tail = (tail + [line])[-40:]
+    process.wait()
     elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(tail)}")
+    last = max(seen, default=0)
+    if last > 5:
+        side = "plain" if str(PLAIN) in command else "runner"
+        EPOCH_SECONDS.setdefault((side, last), []).append((seen[last] - seen[5]) / (last - 5))
     return elapsed
 
 
@@ -96,9 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--short", type=int, default=5)
-    # Per epoch from MID to LONG: both long enough that the end does not wait for the model's logging (a chain of
-    # ~8 s in MLflow's process from the launch), and far enough apart that the machine's noise (±0.3 s a process
-    # here) moves the ratio by a few percent, not the ±30% that 5 against 205 epochs gave.
+    # Per epoch from MID to LONG: far enough apart that the machine's noise (±0.3 s a process here, ±1 s at
+    # times) moves the ratio by a few percent, not the ±30% that 5 against 205 epochs gave.
     parser.add_argument("--mid", type=int, default=405)
     parser.add_argument("--long", type=int, default=805)
     parser.add_argument("--sweep", action="store_true", help="also time a 4-job joblib sweep")
@@ -118,6 +136,12 @@ def main() -> None:
         per_epoch = (times[args.long][0] - mid_runner) / (times[args.long][1] - mid_plain)
         print(f"fixed cost: {short_runner - short_plain:+.2f} s (target <= 1.5 s)")
         print(f"per epoch, {args.mid} to {args.long} epochs: runner/plain {per_epoch:.3f} (target <= 1.05)")
+        by_lines = {side: statistics.median(EPOCH_SECONDS[(side, args.long)]) for side in ("runner", "plain")}
+        print(
+            f"per epoch, from the epoch lines of the {args.long}-epoch runs (epoch 5 to the last): runner "
+            f"{by_lines['runner'] * 1000:.2f} ms, plain script {by_lines['plain'] * 1000:.2f} ms: "
+            f"{by_lines['runner'] / by_lines['plain']:.3f}"
+        )
         if args.sweep:
             swept, plain_total, lanes = sweep_cost(cwd, args.short, args.repeats)
             # Each lane runs 4 / lanes jobs, so a lane's extra seconds divided by its jobs is the cost of one job.

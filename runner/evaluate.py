@@ -100,6 +100,7 @@ def evaluate_run(run_dir: Path, which: str, split: str | None, device_name: str)
     import torch
 
     from runner.build import build_data, build_model
+    from runner.config import eval_batch_size
     from runner.data import make_batcher
     from runner.device import precision_settings, select_device
     from runner.losses import build_loss
@@ -139,7 +140,9 @@ def evaluate_run(run_dir: Path, which: str, split: str | None, device_name: str)
         autocast_dtype=precision_settings(cfg.trainer.precision, device).get("autocast_dtype"),
     )
     trainer = cfg.trainer
-    batches = make_batcher(getattr(data, split), trainer.batch_size, device, trainer.seed, False, trainer.num_workers)
+    batches = make_batcher(
+        getattr(data, split), eval_batch_size(trainer), device, trainer.seed, False, trainer.num_workers
+    )
     setattr(loop, f"{split}_batches", batches)
     with torch.no_grad():
         scores = evaluate(loop, split)

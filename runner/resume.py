@@ -60,6 +60,7 @@ ADDED_SETTINGS_AT_DEFAULT = {
     "trainer.gradient_clip_val": "None",
     "trainer.gradient_clip_algorithm": "norm",
     "trainer.accumulate_grad_batches": "1",
+    "trainer.eval_batch_size": "None",
     "data.test_fraction": "0.0",
     "data.test_path": "None",
 }

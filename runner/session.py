@@ -23,6 +23,7 @@ from runner import __version__
 from runner.best import BestCheckpoints, best_file
 from runner.build import Built, sample_batch
 from runner.checkpoint import CHECKPOINT_DIR, StepCheckpoints, not_written, save_checkpoint
+from runner.config import eval_batch_size
 from runner.data import make_batcher
 from runner.device import precision_settings
 from runner.distributed import AgreedStop, Distributed
@@ -52,7 +53,7 @@ def make_loop(cfg: DictConfig, built: Built, ranks: Distributed) -> Loop:
     def batcher(dataset, shuffle: bool):
         return make_batcher(
             dataset,
-            trainer.batch_size,
+            trainer.batch_size if shuffle else eval_batch_size(trainer),  # shuffled: the training batches
             ranks.device,
             trainer.seed,
             shuffle,

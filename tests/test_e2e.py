@@ -96,6 +96,10 @@ def test_every_optimizer_with_every_scheduler_trains_in_one_sweep(tmp_path):
         (["optimizer.lr=-0.1"], "optimizer.lr must be a number above 0"),
         (["trainer.epochs=0"], "trainer.epochs must be at least 1, got 0."),
         (["trainer.batch_size=0"], "trainer.batch_size must be at least 1, got 0."),
+        (
+            ["trainer.eval_batch_size=0"],
+            "trainer.eval_batch_size must be at least 1 (or null: 4 x trainer.batch_size), got 0.",
+        ),
         (["trainer.device=gpu"], "trainer.device='gpu' is not a device; use auto, cpu, cuda, cuda:N or mps."),
         (["scheduler=constant", "scheduler.factor=0"], "scheduler.factor=0: ConstantLR factor must be above 0."),
         (

@@ -381,6 +381,35 @@ def test_each_named_metric_equals_torchmetrics_on_the_whole_split(make_config, n
 
 
 @pytest.mark.parametrize(
+    ("overrides", "eval_batch", "val_batches"),
+    [([], 128, 3), (["trainer.eval_batch_size=7"], 7, 52), (["trainer.eval_batch_size=500"], 500, 1)],
+)
+def test_validation_and_test_batches_are_eval_batch_size_and_the_scores_do_not_depend_on_it(
+    make_config, overrides, eval_batch, val_batches
+):
+    """Four times the training batch by default (digits' 360 validation samples: 3 batches of 128, not 12 of 32);
+    the loss and accuracy are those of the whole split at once, whatever the batches."""
+    from runner.distributed import Distributed
+    from runner.session import make_loop
+    from runner.train import evaluate
+
+    cfg = make_config("data.test_fraction=0.05", *overrides)
+    built = build_everything(cfg, CPU)
+    loop = make_loop(cfg, built, Distributed(CPU))
+    assert (len(loop.train_batches), len(loop.val_batches), len(loop.test_batches)) == (
+        math.ceil(len(built.data.train) / 32),
+        val_batches,
+        math.ceil(len(built.data.test) / eval_batch),
+    )
+    x, y = built.data.val.tensors
+    with torch.no_grad():
+        outputs = built.model.eval()(x)
+    scores = evaluate(loop)
+    assert scores["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(outputs, y)), rel=1e-6)
+    assert scores["val_accuracy"] == pytest.approx(float((outputs.argmax(1) == y).float().mean()), abs=1e-7)
+
+
+@pytest.mark.parametrize(
     ("metrics", "message"),
     [
         (

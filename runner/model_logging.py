@@ -4,7 +4,7 @@ MLflow already is.
 ``mlflow.pytorch.log_model(serialization_format="pt2")`` traces the model with torch.export and saves the program
 (it loads without the model's code), which needs torch and torch._dynamo imported where MLflow runs: ~3 s of CPU
 in MLflow's own process (runner.tracking_process), on the second core a short run's end waited for. The launch has
-both imported already (building the optimizer imports torch._dynamo), so it traces and saves the program itself
+both imported already (the optimizer's first step imports torch._dynamo), so it traces and saves the program itself
 (``export_program``, ~0.5 s the first time), and MLflow's process writes MLflow's pytorch model around that file
 (``SavedProgram``) without importing torch: the same files, flavors and requirements as
 ``mlflow.pytorch.log_model`` writes for it (tests/test_model_logging.py compares the two).
@@ -52,16 +52,25 @@ def export_program(model, example, folder: Path) -> ExportedModel | None:
         # The batch dimension is dynamic, as MLflow makes it from the signature's -1; AUTO lets torch keep it
         # static where the model needs it so, as MLflow's own export does.
         program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim.AUTO},))
-        with torch.no_grad():
-            traced = program.module()(example)
-        if not torch.allclose(traced, output, rtol=1e-5, atol=1e-6, equal_nan=True):
-            raise ValueError("its program computes other outputs than the model")
-        path = folder / PROGRAM_FILE
-        torch.export.save(program, path)
+        _check_same_outputs(model, program.module(), example)
     except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
         log.warning(f"torch.export cannot trace the model ({first_line(err)}); logging it pickled instead")
         return None
+    path = folder / PROGRAM_FILE
+    torch.export.save(program, path)  # a failure here (a full disk) is not the model's: said as itself
     return ExportedModel(str(path), example.numpy(), output.numpy(), str(torch.__version__))
+
+
+def _check_same_outputs(model, traced, example) -> None:
+    """The traced program computes the model's outputs on the example and on a batch of another size (the
+    signature promises any batch size: a program torch specialized to the example's would refuse it)."""
+    import torch
+
+    other = torch.cat([example, example[:1]])
+    with torch.no_grad():
+        for batch in (example, other):
+            if not torch.allclose(traced(batch), model(batch), rtol=1e-5, atol=1e-6, equal_nan=True):
+                raise ValueError(f"its program computes other outputs than the model on a batch of {len(batch)}")
 
 
 def pip_requirements() -> list[str]:
@@ -75,8 +84,6 @@ def pip_requirements() -> list[str]:
 class SavedProgram:
     """A flavor module for ``mlflow.models.Model.log``: MLflow's pytorch model (pytorch and python_function
     flavors, as ``mlflow.pytorch.save_model`` writes them for the pt2 format) around an ``ExportedModel``'s file."""
-
-    __name__ = "mlflow.pytorch"  # the logged model's flavor, as mlflow.pytorch.log_model records it
 
     @staticmethod
     def save_model(path: str, mlflow_model, exported: ExportedModel, signature, input_example, **_: Any) -> None:

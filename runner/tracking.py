@@ -385,8 +385,9 @@ class Tracker:
                 artifact_path=None,
                 name="model",
                 flavor=SavedProgram,
+                flavor_name="mlflow.pytorch",  # what mlflow.pytorch.log_model reports (MLflow's telemetry)
+                serialization_format="pt2",
                 exported=exported,
-                serialization_format="pt2",  # recorded on the logged model, as mlflow.pytorch.log_model does
                 signature=infer_signature(exported.example, exported.output),
                 input_example=exported.example,
                 validate_serving_input=False,

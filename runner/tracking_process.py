@@ -119,6 +119,7 @@ def _take_prestarted() -> _Child:
     if child is None:
         return _Child()
     if child.process.poll() is not None:  # it died before the run took it: a fresh one, warmed up as asked
+        child.connection.close()
         return _Child(child.warm_model_logging)
     return child
 

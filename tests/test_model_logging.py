@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -151,6 +152,26 @@ def test_a_model_torch_export_cannot_trace_is_said_in_one_line_and_logged_pickle
         loaded = mlflow.pytorch.load_model(model_uri)
     for batch in (torch.rand(4, 3), -torch.rand(4, 3)):  # both branches: the model itself, not a trace of one
         assert torch.allclose(loaded(batch), model(batch))
+
+
+class FixedBatch(torch.nn.Module):
+    """Reshapes by the example's batch size: torch.export keeps that size, which the signature's -1 would deny."""
+
+    def forward(self, x):
+        return x.reshape(2, -1).sum(1, keepdim=True)
+
+
+def test_a_program_that_takes_only_the_examples_batch_size_is_refused_and_the_model_pickled(tmp_path, caplog):
+    assert export_program(FixedBatch(), torch.rand(2, 3), tmp_path) is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "runner.model_logging"]
+    assert warning.startswith("torch.export cannot trace the model (") and not list(tmp_path.iterdir())
+
+
+def test_a_program_that_cannot_be_saved_is_an_error_of_its_own_not_a_reason_to_pickle(tmp_path, caplog):
+    with pytest.raises(Exception) as raised:
+        export_program(digits_mlp(), torch.rand(2, 1, 8, 8), tmp_path / "no such folder")
+    assert "no such folder" in str(raised.value)
+    assert not [r for r in caplog.records if r.name == "runner.model_logging"]
 
 
 def test_a_model_of_token_ids_is_exported_with_an_integer_signature(tmp_path):

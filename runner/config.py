@@ -140,10 +140,10 @@ def check_strategy(trainer: DictConfig) -> None:
             f"trainer.batch_size={trainer.batch_size} is the global batch and must split evenly over the "
             f"{world_size} processes; use a multiple of {world_size}."
         )
-    if world_size and trainer.strategy != "single" and eval_batch_size(trainer) < world_size:
+    if world_size and trainer.strategy != "single" and eval_batch_size(trainer) % world_size:
         raise ConfigError(
-            f"trainer.eval_batch_size={trainer.eval_batch_size} is the global batch of validation and must give each "
-            f"of the {world_size} processes at least one sample; use {world_size} or more."
+            f"trainer.eval_batch_size={trainer.eval_batch_size} is the global batch of validation and must split "
+            f"evenly over the {world_size} processes; use a multiple of {world_size}."
         )
 
 

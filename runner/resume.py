@@ -38,6 +38,7 @@ OPERATIONAL_KEYS = (
     "trainer.checkpoint_min_seconds",
     "trainer.checkpoint_every_steps",
     "trainer.keep_checkpoints",
+    "trainer.eval_batch_size",  # validation's batches change its sums' rounding, not what training does
     "trainer.strategy",  # trainer.batch_size is the global batch: one process or N train the same run
     "trainer.backend",
     "trainer.detect_nonfinite",  # changes nothing in a run that stays finite
@@ -60,7 +61,6 @@ ADDED_SETTINGS_AT_DEFAULT = {
     "trainer.gradient_clip_val": "None",
     "trainer.gradient_clip_algorithm": "norm",
     "trainer.accumulate_grad_batches": "1",
-    "trainer.eval_batch_size": "None",
     "data.test_fraction": "0.0",
     "data.test_path": "None",
 }

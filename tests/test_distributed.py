@@ -212,6 +212,10 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
             ["trainer.batch_size=33"],
             "trainer.batch_size=33 is the global batch and must split evenly over the 2 processes",
         ),
+        (
+            ["trainer.eval_batch_size=33"],
+            "trainer.eval_batch_size=33 is the global batch of validation and must split evenly over the 2 processes",
+        ),
         (["trainer.strategy=single"], "trainer.strategy=single, but torchrun started 2 processes"),
     ],
 )

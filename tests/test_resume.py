@@ -266,11 +266,18 @@ def test_a_different_config_never_resumes_someone_elses_checkpoint(tmp_path):
 
 def test_operational_settings_do_not_block_resume_and_are_recorded_as_tags(tmp_path):
     assert launch(tmp_path, fault="SIGTERM:70").returncode == EXIT_STOPPED
-    resumed = launch(tmp_path, "trainer.device=auto", "trainer.num_workers=1", "trainer.keep_checkpoints=3")
+    resumed = launch(
+        tmp_path,
+        "trainer.device=auto",
+        "trainer.num_workers=1",
+        "trainer.keep_checkpoints=3",
+        "trainer.eval_batch_size=64",
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stderr
     _, (logged,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "runner")
     assert logged.data.tags["trainer.device"] == "auto" and logged.data.tags["trainer.num_workers"] == "1"
+    assert logged.data.tags["trainer.eval_batch_size"] == "64"
     assert "trainer.device" not in logged.data.params and logged.data.params["optimizer.lr"] == "0.05"
 
 

@@ -49,8 +49,8 @@ def export_program(model, example, folder: Path) -> ExportedModel | None:
     with torch.no_grad():
         output = model(example)
     try:
-        # The batch dimension is dynamic, as MLflow makes it from the signature's -1; AUTO lets torch keep it
-        # static where the model needs it so, as MLflow's own export does.
+        # The batch dimension is dynamic, as MLflow makes it from the signature's -1 (AUTO, as MLflow's own export:
+        # torch keeps it static where the model needs it so, which the check refuses, the signature promising any)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim.AUTO},))
         _check_same_outputs(model, program.module(), example)
     except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()

@@ -52,7 +52,7 @@ def export_program(model, example, folder: Path) -> ExportedModel | None:
         # The batch dimension is dynamic, as MLflow makes it from the signature's -1 (AUTO, as MLflow's own export:
         # torch keeps it static where the model needs it so, which the check refuses, the signature promising any)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim.AUTO},))
-        _check_same_outputs(model, program.module(), example)
+        _check_same_outputs(model, program.module(), example, output)
     except Exception as err:  # noqa: BLE001 - torch.export refuses many kinds of Python code in forward()
         log.warning(f"torch.export cannot trace the model ({first_line(err)}); logging it pickled instead")
         return None
@@ -61,15 +61,15 @@ def export_program(model, example, folder: Path) -> ExportedModel | None:
     return ExportedModel(str(path), example.numpy(), output.numpy(), str(torch.__version__))
 
 
-def _check_same_outputs(model, traced, example) -> None:
-    """The traced program computes the model's outputs on the example and on a batch of another size (the
-    signature promises any batch size: a program torch specialized to the example's would refuse it)."""
+def _check_same_outputs(model, traced, example, output) -> None:
+    """The traced program computes the model's outputs: ``output`` on the example, and on a batch of another size
+    (the signature promises any batch size: a program torch specialized to the example's would refuse it)."""
     import torch
 
     other = torch.cat([example, example[:1]])
     with torch.no_grad():
-        for batch in (example, other):
-            if not torch.allclose(traced(batch), model(batch), rtol=1e-5, atol=1e-6, equal_nan=True):
+        for batch, expected in ((example, output), (other, model(other))):
+            if not torch.allclose(traced(batch), expected, rtol=1e-5, atol=1e-6, equal_nan=True):
                 raise ValueError(f"its program computes other outputs than the model on a batch of {len(batch)}")
 
 

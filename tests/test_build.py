@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import CONF
 
 from runner.build import build_everything
 from runner.errors import ConfigError
+from runner.models import MLP
 from runner.schedules import RESERVED
 from runner.targets import check_arguments
 
@@ -42,6 +45,22 @@ def test_model_and_data_build_and_run_forward(make_config, model, data):
     x, _ = built.data.train[0]
     out = built.model.eval()(x.unsqueeze(0))
     assert out.shape == (1, built.data.num_classes or 1)
+
+
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (64,)])
+def test_the_mlp_computes_what_its_layers_in_turn_compute_and_keeps_their_numbers(input_shape):
+    """MLP.forward flattens by itself rather than through its Flatten layer, which stays for the state dict's
+    numbering: outputs and gradients are those of the plain Sequential, and its state dict loads as it is."""
+    torch.manual_seed(0)
+    mlp = MLP(input_shape, 10, hidden_sizes=[16, 12])
+    sequential = torch.nn.Sequential(*[copy.deepcopy(layer) for layer in mlp])  # runs every layer, Flatten too
+    x = torch.randn(5, *input_shape)
+    ours, theirs = mlp(x), sequential(x)
+    assert torch.equal(ours, theirs)
+    ours.square().sum().backward(), theirs.square().sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(mlp.parameters(), sequential.parameters(), strict=True))
+    assert list(mlp.state_dict()) == ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
+    MLP(input_shape, 10, hidden_sizes=[16, 12]).load_state_dict(sequential.state_dict())  # strict
 
 
 @pytest.mark.parametrize("optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml")))

@@ -357,7 +357,8 @@ class DeviceBatcher:
         order = shard(order, self.rank, self.world_size, pad=self.shuffle).to(self.x.device)
         for start in range(skip_batches * self.batch_size, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self.x[index], self.y[index]
+            # index_select: what x[index] does for a vector of indices, without the indexing machinery (1-2 µs a batch)
+            yield self.x.index_select(0, index), self.y.index_select(0, index)
 
 
 class EpochSampler(Sampler[int]):

@@ -15,6 +15,7 @@ from conftest import metric_series, mlflow_runs
 from runner.build import build_everything
 from runner.errors import ConfigError
 from runner.run import RunContext, run
+from runner.train import Loop, direct_call
 
 CPU = torch.device("cpu")
 
@@ -270,6 +271,27 @@ def test_each_loss_is_torchs_own_with_its_arguments_and_trains(make_config, tmp_
     outputs = built.model(x)
     assert torch.equal(built.loss(outputs, y), kind(**arguments)(outputs, y))
     assert math.isfinite(run(cfg, RunContext(tmp_path / "run")))
+
+
+def test_torchs_own_loss_is_called_through_its_forward_and_any_other_as_it_is():
+    """runner.train.direct_call skips nn.Module's call only where that changes nothing: a torch loss without hooks."""
+    outputs, targets = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    plain = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    assert direct_call(plain) == plain.forward
+    assert torch.equal(Loop(*[None] * 5, loss_fn=plain, epochs=1).loss(outputs, targets), plain(outputs, targets))
+
+    class Scaled(torch.nn.CrossEntropyLoss):  # the user's own subclass: may rely on being called as a module
+        pass
+
+    seen = []
+    hooked = torch.nn.CrossEntropyLoss()
+    hooked.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    for loss in (Scaled(), hooked, torch.nn.functional.cross_entropy):
+        assert direct_call(loss) is loss
+    Loop(*[None] * 5, loss_fn=hooked, epochs=1).loss(outputs, targets)
+    assert len(seen) == 1  # the hook ran
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None):
+        assert direct_call(plain) is plain  # a hook on every module counts too
 
 
 def test_cross_entropy_takes_class_weights_as_a_list(make_config):

@@ -286,7 +286,8 @@ class CountedAccuracy:
 
     def update(self, outputs: Any, targets: Any) -> None:
         predicted = outputs.argmax(1) if outputs.ndim > 1 else outputs
-        self.right = self.right + (predicted == targets).sum()
+        right = (predicted == targets).sum()
+        self.right = right if self.samples == 0 else self.right + right  # no 0 + tensor: a slow path in torch
         self.samples += len(targets)
 
     def totals(self) -> list[Any]:

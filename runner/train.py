@@ -323,7 +323,7 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
     pending_rows = 0
     for inputs, targets in getattr(loop, f"{split}_batches").epoch(0):
         outputs = loop.outputs(inputs).float()
-        loss_sum += loop.loss(outputs, targets) * len(targets)
+        loss_sum.add_(loop.loss(outputs, targets), alpha=len(targets))  # one kernel
         samples += len(targets)
         for name, metric in loop.metrics.items():
             if name not in chunked:
@@ -349,7 +349,10 @@ def evaluate(loop: Loop, split: str = "val") -> dict[str, float]:
 
 
 def _update_chunked(metrics: dict[str, Any], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    outputs, targets = torch.cat([o for o, _ in batches]), torch.cat([t for _, t in batches])
+    if len(batches) == 1:  # a split of one batch, or a chunk that filled at once: nothing to join
+        outputs, targets = batches[0]
+    else:
+        outputs, targets = torch.cat([o for o, _ in batches]), torch.cat([t for _, t in batches])
     for name, metric in metrics.items():
         _update(name, metric, outputs, targets)
 

@@ -155,19 +155,24 @@ class Progress:
     epoch_lrs: list[float] | None = None  # the LRs this epoch started with (a resumed epoch keeps them)
     lr_steps: dict[int, float] = field(default_factory=dict)  # this epoch's recorded per-step LRs
     grad_norm_sum: torch.Tensor | None = None  # with gradient clipping: this epoch's gradient norms, summed
+    skipped_steps: torch.Tensor | None = None  # ...and under 16-mixed the steps GradScaler skipped, left out of it
 
     def start_epoch(self, device: torch.device, lrs: list[float]) -> None:
         if self.loss_sum is None or self.batch == 0:  # not an epoch resumed part-way through
             self.loss_sum = torch.zeros((), device=device)
-            self.samples, self.epoch_lrs, self.lr_steps, self.grad_norm_sum = 0, lrs, {}, None
-        # None: a fresh epoch, or one resumed from a checkpoint written before gradient clipping existed
+            self.samples, self.epoch_lrs, self.lr_steps = 0, lrs, {}
+            self.grad_norm_sum, self.skipped_steps = None, None
+        # None: a fresh epoch, or one resumed from a checkpoint written before they existed
         self.grad_norm_sum = (
             torch.zeros((), device=device) if self.grad_norm_sum is None else self.grad_norm_sum.to(device)
+        )
+        self.skipped_steps = (
+            torch.zeros((), device=device) if self.skipped_steps is None else self.skipped_steps.to(device)
         )
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch, self.loss_sum, self.samples = self.epoch + 1, 0, None, 0
-        self.epoch_lrs, self.lr_steps, self.grad_norm_sum = None, {}, None
+        self.epoch_lrs, self.lr_steps, self.grad_norm_sum, self.skipped_steps = None, {}, None, None
 
     def state_dict(self) -> dict:
         """Where training stands; the running loss is each rank's own (runner.state.RankStreams saves it)."""
@@ -178,12 +183,14 @@ class Progress:
             "epoch_lrs": self.epoch_lrs,
             "lr_steps": dict(self.lr_steps),
             "grad_norm_sum": None if self.grad_norm_sum is None else self.grad_norm_sum.detach().cpu(),
+            "skipped_steps": None if self.skipped_steps is None else self.skipped_steps.cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.epoch_lrs, self.lr_steps = state["epoch_lrs"], dict(state["lr_steps"])
         self.grad_norm_sum = state.get("grad_norm_sum")  # absent from checkpoints written before clipping existed
+        self.skipped_steps = state.get("skipped_steps")  # ...and before skipped steps were left out of grad_norm
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -192,7 +199,12 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
 
 def _clip_gradients(loop: Loop, progress: Progress) -> None:
     """``trainer.gradient_clip_val``: torch's clip_grad_norm_ or clip_grad_value_; the total norm before clipping is
-    summed on the device (no sync) for the epoch's mean ``grad_norm``."""
+    summed on the device (no sync) for the epoch's mean ``grad_norm``.
+
+    Under 16-mixed a step whose unscaled gradients are not finite is one GradScaler skips (the first steps, while
+    it finds its scale, and one after each growth of the scale that overflows): its norm is left out of the mean,
+    which would otherwise be inf for the whole epoch. At full precision an infinite norm is a step taken, and stays.
+    """
     if loop.clip_value is None:
         return
     parameters = [p for p in loop.model.parameters() if p.grad is not None]
@@ -201,7 +213,12 @@ def _clip_gradients(loop: Loop, progress: Progress) -> None:
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
         torch.nn.utils.clip_grad_value_(parameters, loop.clip_value)
-    progress.grad_norm_sum.add_(norm.to(progress.grad_norm_sum.device))
+    norm = norm.to(progress.grad_norm_sum.device)
+    if loop.scaler is not None:
+        skipped = ~norm.isfinite()
+        progress.skipped_steps.add_(skipped)
+        norm = norm.masked_fill(skipped, 0.0)
+    progress.grad_norm_sum.add_(norm)
 
 
 def _optimizer_step(loop: Loop, progress: Progress) -> None:
@@ -225,6 +242,12 @@ def check_finite(loop: Loop, progress: Progress, train_loss: float) -> None:
             f"training diverged: the training loss is {train_loss} over epoch {progress.epoch + 1}/{loop.epochs} "
             f"(steps {first}-{last}, lr now {_lrs(loop.optimizer)}). {DIVERGED_FIX}"
         )
+
+
+def mean_grad_norm(loop: Loop, progress: Progress) -> float:
+    """The epoch's mean gradient norm over the optimizer steps taken (NaN when GradScaler skipped them all)."""
+    taken = loop.steps_done(progress.batch) - int(progress.skipped_steps.item())
+    return progress.grad_norm_sum.item() / taken if taken > 0 else math.nan
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> str:
@@ -402,7 +425,7 @@ def train(
         check_finite(loop, progress, loss_sum / max(samples, 1))
         result.metrics["train_loss"] = loss_sum / max(samples, 1)
         if loop.clip_value is not None:  # the same on every rank (the gradients are all-reduced): no sum
-            result.metrics["grad_norm"] = progress.grad_norm_sum.item() / max(loop.steps_done(progress.batch), 1)
+            result.metrics["grad_norm"] = mean_grad_norm(loop, progress)
         if not loop.scheduler_per_batch and loop.monitor is None:
             loop.scheduler.step()
         result.metrics.update(evaluate(loop))

@@ -235,6 +235,26 @@ def test_gradient_clipping_is_torchs_own_and_logs_the_mean_gradient_norm(make_co
     assert results[0].metrics["grad_norm"] == pytest.approx(float(sum(norms)) / len(norms), rel=1e-6)
 
 
+def test_under_16_mixed_the_steps_the_grad_scaler_skips_are_left_out_of_grad_norm(make_config):
+    """A skipped step's unscaled gradients are inf: its norm would make the epoch's grad_norm inf."""
+    from runner.build import build_everything
+    from runner.distributed import Distributed
+    from runner.session import make_loop
+    from runner.train import Progress, train
+
+    cpu = torch.device("cpu")
+    cfg = make_config("trainer.epochs=2", "trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0")
+    loop = make_loop(cfg, build_everything(cfg, cpu), Distributed(cpu))
+    # A scale so large that float16 gradients overflow: GradScaler halves it at each skipped step until they fit
+    loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    results = []
+    train(loop, Progress(), results.append)
+    skipped = round(math.log2(2.0**40 / loop.scaler.get_scale()))  # no growth: its interval is 2000 steps
+    assert 10 < skipped < len(loop.train_batches)  # skipped steps in the first epoch, and steps taken
+    norms = [result.metrics["grad_norm"] for result in results]
+    assert all(math.isfinite(norm) and norm > 0 for norm in norms), norms
+
+
 def test_gradient_clipping_settings_that_cannot_work_are_one_line(make_config):
     from runner.config import check_settings
     from runner.errors import ConfigError

@@ -335,7 +335,13 @@ class Tracker:
     def _log_in_batches(self, **items: list) -> None:
         for kind, values in items.items():
             for start in range(0, len(values), 100):  # MLflow takes at most 100 params or tags per batch
-                self.client.log_batch(self.run_id, **{kind: values[start : start + 100]})
+                self._log_batch(**{kind: values[start : start + 100]})
+
+    def _log_batch(self, **items: list) -> None:
+        # synchronous: the runner counts what is logged by MLflow's answer (an epoch is logged only once its
+        # checkpoint is written, a run ends FINISHED only with every epoch in). MLFLOW_ENABLE_ASYNC_LOGGING=true
+        # would have MLflow's client queue the request and return at once, and a refusal never reach the runner.
+        self.client.log_batch(self.run_id, **items, synchronous=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the metrics of one step, leaving out any (key, step) MLflow already holds."""
@@ -354,7 +360,7 @@ class Tracker:
             if entry[0] not in self.logged.get(key, ())
         ]
         for start in range(0, len(fresh), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
+            self._log_batch(metrics=fresh[start : start + 1000])
         for metric in fresh:
             self.logged.setdefault(metric.key, set()).add(metric.step)
 

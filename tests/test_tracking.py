@@ -187,3 +187,26 @@ def test_a_sqlite_stores_artifacts_go_beside_the_database_not_into_the_current_f
     assert not (tmp_path / "work" / "mlruns").exists()
     artifact_uri = MlflowClient(tracker.uri).get_run(tracker.run_id).info.artifact_uri
     assert artifact_uri.startswith((tmp_path / "store" / "mlruns").as_uri())
+
+
+def test_logging_waits_for_mlflows_answer_even_with_async_logging_asked_for_in_the_environment(tmp_path, monkeypatch):
+    """The runner marks an epoch logged, and a run FINISHED, only on MLflow's answer: with
+    MLFLOW_ENABLE_ASYNC_LOGGING=true MLflow's client would queue the request and return at once, and a refusal (here:
+    the run was deleted meanwhile) would never reach the runner."""
+    from mlflow.exceptions import MlflowException
+
+    from runner.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "async").open("a run")
+    tracker.log_epochs([(0, {"val_loss": 1.0})])
+    assert [m.value for m in MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "val_loss")] == [1.0]
+    MlflowClient(tracker.uri).delete_run(tracker.run_id)
+    for log in (
+        lambda: tracker.log_epochs([(1, {"val_loss": 0.5})]),
+        lambda: tracker.log_params({"optimizer.lr": 0.1}),
+        lambda: tracker.set_tags({"stopped_early": "by a callback"}),
+    ):
+        with pytest.raises(MlflowException, match="must be in the 'active' state"):
+            log()
+    assert tracker.logged["val_loss"] == {0}

@@ -50,7 +50,8 @@ def test_model_and_data_build_and_run_forward(make_config, model, data):
 @pytest.mark.parametrize("input_shape", [(1, 8, 8), (64,)])
 def test_the_mlp_computes_what_its_layers_in_turn_compute_and_keeps_their_numbers(input_shape):
     """MLP.forward flattens by itself rather than through its Flatten layer, which stays for the state dict's
-    numbering: outputs and gradients are those of the plain Sequential, and its state dict loads as it is."""
+    numbering: outputs and gradients are those of the plain Sequential, its state dict loads as it is, and it
+    traces."""
     torch.manual_seed(0)
     mlp = MLP(input_shape, 10, hidden_sizes=[16, 12])
     sequential = torch.nn.Sequential(*[copy.deepcopy(layer) for layer in mlp])  # runs every layer, Flatten too
@@ -61,6 +62,9 @@ def test_the_mlp_computes_what_its_layers_in_turn_compute_and_keeps_their_number
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(mlp.parameters(), sequential.parameters(), strict=True))
     assert list(mlp.state_dict()) == ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
     MLP(input_shape, 10, hidden_sizes=[16, 12]).load_state_dict(sequential.state_dict())  # strict
+    # what tools built on torch.fx (quantization, feature extractors), TorchScript and torch.export need
+    for traced in (torch.fx.symbolic_trace(mlp), torch.jit.script(mlp), torch.export.export(mlp, (x,)).module()):
+        assert torch.equal(traced(x), theirs)
 
 
 @pytest.mark.parametrize("optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml")))

@@ -91,6 +91,17 @@ def test_an_epoch_can_start_part_way_through(dataset, make):
         assert torch.equal(xa, xb)
 
 
+def test_device_batches_are_the_rows_indexing_gives_in_the_layout_the_data_has():
+    images = torch.arange(20 * 3 * 4 * 4, dtype=torch.float32).reshape(20, 3, 4, 4)
+    for x in (images, images.to(memory_format=torch.channels_last)):
+        batcher = DeviceBatcher(TensorDataset(x, torch.arange(20)), 8, CPU, seed=1, shuffle=True)
+        order = epoch_permutation(20, 1, 0)
+        for start, (xb, yb) in zip(range(0, 20, 8), batcher.epoch(0), strict=True):
+            expected = x[order[start : start + 8]]
+            assert torch.equal(xb, expected) and torch.equal(yb, order[start : start + 8])
+            assert xb.stride() == expected.stride()  # channels_last stays channels_last
+
+
 def test_validation_order_is_fixed(dataset):
     batcher = DeviceBatcher(dataset, 8, CPU, 0, shuffle=False)
     assert torch.cat([y for _, y in batches_of(batcher, 0)]).tolist() == list(range(50))

@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a 4-job joblib sweep")
     parser.add_argument("overrides", nargs="*", help="for the runner's command, e.g. tracking.log_model=false")
     args = parser.parse_args()
+    if args.long <= max(args.short, 5):  # per epoch divides by the difference; the epoch lines count from the 5th
+        parser.error(f"--long must be above --short and above 5, got --short {args.short} --long {args.long}")
     OVERRIDES.extend(args.overrides)
     print(f"runner: python -m runner {' '.join(runner(args.short)[3:])}")
     with tempfile.TemporaryDirectory() as folder:

@@ -134,7 +134,8 @@ class Loop:
 def direct_call(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
     """torch's own loss modules (CrossEntropyLoss, MSELoss ...) as their ``forward``: nn.Module's call runs hooks, and
     the runner registers none on a loss it built, yet checking for them costs 1-2 µs a batch (~1% of a digits
-    epoch). Any other loss, or one with hooks after all, is called as it is."""
+    epoch). Any other loss, or one with hooks after all, is called as it is. Decided once, when the Loop is built:
+    nothing of the user's sees the loss module before then, and nothing after."""
     hooks = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
     if type(loss).__module__ != "torch.nn.modules.loss" or any(
         getattr(loss, f"_{name}") or getattr(torch.nn.modules.module, f"_global_{name}") for name in hooks

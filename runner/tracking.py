@@ -229,6 +229,9 @@ def artifacts_beside(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
+SOURCE_TAGS = "mlflow.source."  # where a run (and its model) came from: MLflow's source name, type, git commit
+
+
 class Tracker:
     """One MLflow run of one training job, created on the first launch and re-attached by id on resume.
 
@@ -386,6 +389,7 @@ class Tracker:
 
         from runner.model_logging import SavedProgram
 
+        source = self._run_source()
         with fluent_target(self.uri, self.experiment_id):
             info = Model.log(
                 artifact_path=None,
@@ -399,7 +403,9 @@ class Tracker:
                 validate_serving_input=False,
                 registered_model_name=registered_model_name,
                 run_id=self.run_id,
+                tags=source,
             )
+        self._drop_source_tags_but(source, info.model_id)
         return info.model_uri
 
     def log_pickled_model(self, model, example, registered_model_name: str | None = None) -> str:
@@ -411,6 +417,7 @@ class Tracker:
 
         with torch.no_grad():
             output = model(example)
+        source = self._run_source()
         with fluent_target(self.uri, self.experiment_id), warnings_hidden("mlflow.pytorch"):  # said already
             info = mlflow.pytorch.log_model(
                 model,
@@ -421,8 +428,24 @@ class Tracker:
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                 registered_model_name=registered_model_name,
                 run_id=self.run_id,
+                tags=source,
             )
+        self._drop_source_tags_but(source, info.model_id)
         return info.model_uri
+
+    def _run_source(self) -> dict[str, str]:
+        """The run's own source tags (``python -m runner``, the commit of the folder it was launched from), for its
+        model: MLflow gives a model those of the process logging it, which is MLflow's own process here
+        (runner/tracking_process.py, and the runner's git checkout when it has one)."""
+        tags = self.client.get_run(self.run_id).data.tags
+        return {key: value for key, value in tags.items() if key.startswith(SOURCE_TAGS)}
+
+    def _drop_source_tags_but(self, source: dict[str, str], model_id: str) -> None:
+        """Remove the source tags MLflow found for the model beyond the run's ``source`` (the runner's own git
+        checkout, where the run's folder is none)."""
+        for key in self.client.get_logged_model(model_id).tags:
+            if key.startswith(SOURCE_TAGS) and key not in source:
+                self.client.delete_logged_model_tag(model_id, key)
 
     def start_system_metrics(self) -> None:
         """MLflow's sampling of CPU, memory, disk, network (and GPU) into ``system/*`` metrics, every 10 s (its

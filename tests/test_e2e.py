@@ -46,6 +46,11 @@ def test_readme_quick_start_trains_the_defaults_with_mlflow_in_the_working_direc
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] == "python -m runner"
     assert tags["mlflow.user"] and tags["torch.version"] == torch.__version__ and "runner.version" in tags
     assert "tracking.uri" not in tags and not [key for key, value in tags.items() if value in ("", "None")]
+    # Its model's source is the run's, not MLflow's process that logged it (runner/tracking_process.py, and the
+    # runner's own git checkout: this folder is none)
+    (model,) = client.search_logged_models(experiment_ids=[logged.info.experiment_id])
+    source = {key: value for key, value in model.tags.items() if key.startswith("mlflow.source.")}
+    assert source == {"mlflow.source.name": "python -m runner", "mlflow.source.type": "LOCAL"}
     # The run spans training (not the moment the background thread created it); each epoch its own end time
     ended = [
         m.timestamp for m in sorted(client.get_metric_history(logged.info.run_id, "val_loss"), key=lambda m: m.step)

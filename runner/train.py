@@ -247,7 +247,8 @@ def check_finite(loop: Loop, progress: Progress, train_loss: float) -> None:
 
 def mean_grad_norm(loop: Loop, progress: Progress) -> float:
     """The epoch's mean gradient norm over the optimizer steps taken (NaN when GradScaler skipped them all)."""
-    taken = loop.steps_done(progress.batch) - int(progress.skipped_steps.item())
+    skipped = int(progress.skipped_steps.item()) if loop.scaler is not None else 0  # no second sync without one
+    taken = loop.steps_done(progress.batch) - skipped
     return progress.grad_norm_sum.item() / taken if taken > 0 else math.nan
 
 

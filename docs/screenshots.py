@@ -88,6 +88,9 @@ def open_runs(browser, url: str, width: int, height: int, mlflow_colors: bool):
 
 def expand_sweeps(page, runs: int) -> None:
     """Open every sweep's row (MLflow lists a parent run's children under it, folded) till ``runs`` rows show."""
+    # The rows render a moment after the run count shows (the chart view's list later still on a busy machine):
+    # counted before, the expand buttons were none, nothing was opened, and the rows never all showed.
+    page.locator(ROWS).first.wait_for(state="attached")
     folded = page.locator(EXPAND_BUTTON)
     for i in range(folded.count()):  # only parents have one, so expanding one does not move the others' index
         folded.nth(i).click()
